@@ -1,0 +1,70 @@
+"""The Starlette application: route table, error handlers and the shutdown gate.
+
+Owns how requests reach the endpoints: every error is rendered by `api/errors.py`, every
+unexpected exception becomes a logged 500 without a traceback in the body, and once the service
+is stopping new requests get `503 service_unavailable`.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import errors, messages
+from api.types import AppState, ReadinessProbe
+from config import Settings
+from store import Spool, StoreError
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.postroom
+    ready = state.readiness.is_ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+class ShutdownGate:
+    """Refuse new requests with 503 once the service is stopping (probes still answer)."""
+
+    def __init__(self, app: ASGIApp, readiness: ReadinessProbe) -> None:
+        self.app = app
+        self.readiness = readiness
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.readiness.is_stopping
+            and scope["path"] not in ("/healthz", "/readyz")
+        ):
+            response = errors.render(errors.ServiceUnavailable())
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> Starlette:
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/messages", messages.send_message, methods=["POST"]),
+        Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            errors.ApiError: errors.handle_api_error,
+            StoreError: errors.handle_store_error,
+            HTTPException: errors.handle_http_exception,
+            Exception: errors.handle_unexpected,
+        },
+    )
+    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    app.add_middleware(ShutdownGate, readiness=readiness)
+    return app

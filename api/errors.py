@@ -1,0 +1,182 @@
+"""The API's errors and the one place that renders them.
+
+    ApiError(status, slug)           every error a client sees
+    ├── BadRequest         400 bad_request
+    ├── Unauthorized       401 unauthorized
+    ├── Forbidden          403 forbidden
+    ├── NotFoundError      404 not_found
+    ├── PayloadTooLarge    413 payload_too_large
+    ├── ValidationFailed   422 validation_error (details name each field by path)
+    ├── ServiceUnavailable 503 service_unavailable
+    └── InsufficientStorage 507 insufficient_storage
+
+Every error body is `{"error": slug, "message": text, "details": [{"field", "message"}]}`.
+Store errors are translated here; anything unexpected is a 500 `internal_error` whose traceback
+goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from store import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    field: str
+    message: str
+
+
+class ApiError(Exception):
+    """The request failed."""
+
+    status = 500
+    slug = "internal_error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        details: Sequence[Detail] = (),
+        *,
+        slug: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+        self.details = list(details)
+        self.headers = headers or {}
+        if slug:
+            self.slug = slug
+
+
+class BadRequest(ApiError):
+    """The request body is not valid JSON."""
+
+    status, slug = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    status, slug = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    """This API key may not do that."""
+
+    status, slug = 403, "forbidden"
+
+
+class NotFoundError(ApiError):
+    """No such resource."""
+
+    status, slug = 404, "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    """This method is not allowed on this resource."""
+
+    status, slug = 405, "method_not_allowed"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is too large."""
+
+    status, slug = 413, "payload_too_large"
+
+
+class ValidationFailed(ApiError):
+    """The request is not valid."""
+
+    status, slug = 422, "validation_error"
+
+
+class ServiceUnavailable(ApiError):
+    """Postroom is shutting down or not ready; try again later."""
+
+    status, slug = 503, "service_unavailable"
+
+
+class InsufficientStorage(ApiError):
+    """The spool's storage is full; try again later."""
+
+    status, slug = 507, "insufficient_storage"
+
+
+def from_validation_error(exc: ValidationError) -> ValidationFailed:
+    """pydantic's errors as details naming each field by path: `to[1]`, `attachments[0].x`."""
+    details = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                path += ("." if path else "") + str(part)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        details.append(Detail(field=path or "body", message=message))
+    return ValidationFailed(details=details)
+
+
+def from_store_error(exc: StoreError) -> ApiError:
+    if isinstance(exc, PolicyRejected):
+        details = [Detail(exc.field, str(exc))] if exc.field else []
+        status = 413 if exc.slug == "message_too_large" else 422
+        error = ApiError(str(exc), details, slug=exc.slug)
+        error.status = status
+        return error
+    if isinstance(exc, NotFound):
+        return NotFoundError(str(exc))
+    if isinstance(exc, StorageFull):
+        return InsufficientStorage()
+    if isinstance(exc, SpoolClosed):
+        return ServiceUnavailable()
+    return ServiceUnavailable("the spool could not complete the request; try again later")
+
+
+def render(error: ApiError) -> JSONResponse:
+    body = {
+        "error": error.slug,
+        "message": str(error),
+        "details": [{"field": d.field, "message": d.message} for d in error.details],
+    }
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return render(exc)
+
+
+async def handle_store_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError)
+    return render(from_store_error(exc))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return render(NotFoundError())
+    if exc.status_code == 405:
+        return render(MethodNotAllowed())
+    if exc.status_code == 413:
+        return render(PayloadTooLarge())
+    error = ApiError(str(exc.detail), slug="http_error")
+    error.status = exc.status_code
+    return render(error)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return render(ApiError("internal error; it has been logged"))

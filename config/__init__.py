@@ -1,0 +1,27 @@
+"""Postroom configuration: the settings model and how to load it."""
+
+from __future__ import annotations
+
+from config.settings import (
+    DEFAULT_CONFIG_PATH,
+    EXAMPLE_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_address,
+    parse_duration,
+    parse_size,
+    resolve_config_path,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "EXAMPLE_CONFIG",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_address",
+    "parse_duration",
+    "parse_size",
+    "resolve_config_path",
+]

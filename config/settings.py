@@ -1,0 +1,282 @@
+"""Postroom's settings: one validated model per config section.
+
+Owns where the configuration comes from (a TOML file, then `POSTROOM_<SECTION>__<KEY>` environment
+overrides), how it is validated (unknown keys and bad values are errors naming `section.key`), and
+the few value types every part shares: durations, byte sizes and `host:port` addresses. Everything
+else receives a frozen `Settings` and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("/etc/postroom/postroom.toml")
+EXAMPLE_CONFIG = Path(__file__).with_name("example.toml")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, None: 1,
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists `section.key: reason` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from an integer/float of seconds or a string such as "30s", "5m", "2h", "1d"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"1d\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"1d\"")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string such as "50MB" or "10MiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = m.group(2).lower() if m.group(2) else None
+        return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError("expected a size in bytes or a string such as \"50MB\"")
+
+
+def parse_address(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` → (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return (host or default_host, int(port))
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a \"host:port\" string")
+    parse_address(value)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Address = Annotated[str, BeforeValidator(_address)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and secrets may come from `<key>_file`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            file_key = f"{name}_file"
+            if file_key not in data:
+                continue
+            if SecretStr not in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                continue
+            path = Path(str(data.pop(file_key)))
+            try:
+                data[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"{file_key}: cannot read {path}: {exc.strerror}") from None
+        return data
+
+
+class ServerSettings(Section):
+    data_dir: Path = Path("/var/lib/postroom")
+    hostname: str = Field(default_factory=socket.getfqdn)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout: Duration = 30.0
+
+
+class SmtpSettings(Section):
+    listen: list[Address] = ["127.0.0.1:2525"]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    trusted_networks: list[str] = []
+    max_message_size: ByteSize = 50 * 1000**2
+    max_recipients: int = Field(default=100, ge=1)
+    timeout: Duration = 300.0
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network") from None
+        return value
+
+
+class ApiSettings(Section):
+    listen: Address = "127.0.0.1:8025"
+    max_request_size: ByteSize = 50 * 1000**2
+    key_hash_secret: SecretStr | None = None
+
+
+class DeliverySettings(Section):
+    dns_nameservers: list[str] = []
+    dns_timeout: Duration = 5.0
+    mx_port: int = Field(default=25, ge=1, le=65535)
+    retry_schedule: list[Duration] = [30.0, 300.0, 1800.0, 7200.0, 18000.0]
+    max_connections: int = Field(default=100, ge=1)
+    max_connections_per_destination: int = Field(default=10, ge=1)
+    claim_batch: int = Field(default=100, ge=1)
+    lease: Duration = 1200.0
+    poll_interval: Duration = 1.0
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    attempt_timeout: Duration = 900.0
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one step")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_covers_attempt(self) -> DeliverySettings:
+        # A lease shorter than an attempt would let a live process claim a unit twice.
+        if self.lease <= self.attempt_timeout:
+            raise ValueError(
+                f"lease ({self.lease:g}s) must exceed attempt_timeout ({self.attempt_timeout:g}s)"
+            )
+        return self
+
+
+class StorageSettings(Section):
+    commit_batch: int = Field(default=512, ge=1)
+    busy_timeout: Duration = 10.0
+
+
+class Settings(BaseSettings):
+    """Every setting, by section; `config_path` is where the file was (or would be) read."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+    sections: ClassVar[tuple[str, ...]] = (
+        "server", "smtp", "api", "delivery", "storage",
+    )
+
+    server: ServerSettings = ServerSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    api: ApiSettings = ApiSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    storage: StorageSettings = StorageSettings()
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file; the file arrives as init arguments.
+        return (env_settings, init_settings)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.server.data_dir / "spool.sqlite3"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.server.data_dir / "tls"
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """The config path by precedence, and whether it was asked for explicitly."""
+    if explicit:
+        return Path(explicit), True
+    if env := os.environ.get("POSTROOM_CONFIG"):
+        return Path(env), True
+    local = Path("postroom.toml")
+    if local.is_file():
+        return local, False
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, must_exist: bool | None = None
+) -> Settings:
+    """Read the config file (if any) and the environment; raise ConfigError on any problem."""
+    config_path, explicit = resolve_config_path(path)
+    must_exist = explicit if must_exist is None else must_exist
+    data: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{config_path}: cannot read: {exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{config_path}: not valid TOML: {exc}"]) from None
+    elif must_exist:
+        raise ConfigError([f"{config_path}: no such config file"])
+    try:
+        settings = Settings(**data, config_path=config_path.resolve())
+    except ValidationError as exc:
+        raise ConfigError([_describe(err) for err in exc.errors()]) from None
+    data_dir = settings.server.data_dir
+    if not data_dir.is_absolute():
+        # A relative data_dir is relative to the config file, not to the working directory.
+        server = settings.server.model_copy(
+            update={"data_dir": (config_path.resolve().parent / data_dir).resolve()}
+        )
+        settings = settings.model_copy(update={"server": server})
+    return settings
+
+
+def _describe(err: Any) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    loc = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", loc)
+    reason = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        reason = "unknown setting"
+    reason = reason.removeprefix("Value error, ")
+    return f"{loc or 'config'}: {reason}"

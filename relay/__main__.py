@@ -1,0 +1,7 @@
+"""`python -m relay` runs the `postroom` CLI."""
+
+from __future__ import annotations
+
+from relay.cli import main
+
+main()

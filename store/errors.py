@@ -1,0 +1,41 @@
+"""The spool's errors: what a caller of `Spool` may have to handle.
+
+    StoreError
+    ├── SpoolClosed        the spool is shutting down or closed; nothing was written
+    ├── StorageFull        the disk or database is full; nothing was written
+    ├── NotFound           no such message, key, …
+    └── PolicyRejected     intake refused the message (carries a slug and a field)
+
+Each subclass's docstring is its default message. Expected outcomes of delivery are values
+(`records.Outcome`), not errors.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The spool could not complete the operation."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class SpoolClosed(StoreError):
+    """The spool is closed."""
+
+
+class StorageFull(StoreError):
+    """The spool's storage is full."""
+
+
+class NotFound(StoreError):
+    """No such record."""
+
+
+class PolicyRejected(StoreError):
+    """The message was refused by policy."""
+
+    def __init__(self, slug: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.slug = slug
+        self.field = field

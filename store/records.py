@@ -1,0 +1,308 @@
+"""Typed records that cross the spool's boundary, and the status and event vocabularies.
+
+Owns the shapes of everything the spool hands out or takes in: frozen, slotted dataclasses built
+from rows with `from_row`, and `StrEnum`s whose values are the strings stored in the database and
+sent on the wire. Nothing outside `store/` sees a row or a cursor; it sees these.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class RecipientStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"  # internal: an attempt holds the unit's lease; no event
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset(
+    {
+        RecipientStatus.DELIVERED,
+        RecipientStatus.BOUNCED,
+        RecipientStatus.FAILED,
+        RecipientStatus.SUPPRESSED,
+        RecipientStatus.CANCELLED,
+    }
+)
+# Least advanced first: a message with pending recipients shows the least advanced of them.
+_PENDING_ORDER = (
+    RecipientStatus.SCHEDULED,
+    RecipientStatus.QUEUED,
+    RecipientStatus.DEFERRED,
+    RecipientStatus.SENDING,
+)
+
+
+class MessageStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"
+    PARTIALLY_DELIVERED = "partially_delivered"
+
+
+def derive_message_status(statuses: list[RecipientStatus]) -> MessageStatus:
+    """A message's status from its recipients' (DESIGN.md, message lifecycle)."""
+    pending = [s for s in statuses if not s.is_final]
+    if pending:
+        least = min(pending, key=_PENDING_ORDER.index)
+        return MessageStatus(least.value)
+    distinct = set(statuses)
+    if len(distinct) == 1:
+        return MessageStatus(distinct.pop().value)
+    if RecipientStatus.DELIVERED in distinct:
+        return MessageStatus.PARTIALLY_DELIVERED
+    return MessageStatus.FAILED
+
+
+class EventType(StrEnum):
+    EMAIL_QUEUED = "email.queued"
+    EMAIL_SCHEDULED = "email.scheduled"
+    EMAIL_DELIVERED = "email.delivered"
+    EMAIL_DEFERRED = "email.deferred"
+    EMAIL_BOUNCED = "email.bounced"
+    EMAIL_FAILED = "email.failed"
+    EMAIL_SUPPRESSED = "email.suppressed"
+    EMAIL_CANCELLED = "email.cancelled"
+
+
+class Scope(StrEnum):
+    SEND = "send"
+    FULL = "full"
+
+
+class Source(StrEnum):
+    SMTP = "smtp"
+    API = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    name: str
+    hint: str
+    scope: Scope
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ApiKey:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            hint=row["hint"],
+            scope=Scope(row["scope"]),
+            created_at=row["created_at"],
+            revoked_at=row["revoked_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key just created: the only time its secret exists outside the client's hands."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the authenticated key, as the front doors and intake see it."""
+
+    key_id: str
+    name: str
+    scope: Scope
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One message as a front door hands it to intake: envelope, raw bytes, who sent it."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    content: bytes
+    source: Source
+    principal: Principal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What intake answers once the message is committed."""
+
+    id: str
+    created_at: float
+    status: MessageStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply as recorded for a recipient."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    id: int
+    message_seq: int
+    email: str
+    domain: str
+    status: RecipientStatus
+    priority: int
+    attempts: int
+    due_at: float | None
+    last_reply: Reply | None
+    delivered_at: float | None
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Recipient:
+        code = row["last_code"]
+        return cls(
+            id=row["id"],
+            message_seq=row["message_seq"],
+            email=row["email"],
+            domain=row["domain"],
+            status=RecipientStatus(row["status"]),
+            priority=row["priority"],
+            attempts=row["attempts"],
+            due_at=row["due_at"],
+            last_reply=(
+                None
+                if code is None
+                else Reply(code=code, enhanced=row["last_enhanced"], text=row["last_text"] or "")
+            ),
+            delivered_at=row["delivered_at"],
+            updated_at=row["updated_at"],
+        )
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        """When the next attempt is due; None while one runs or once final."""
+        return None if self.status is RecipientStatus.SENDING else self.due_at
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    type: EventType
+    created_at: float
+    message_seq: int | None
+    recipient: str | None
+    data: Mapping[str, object]
+
+    @property
+    def public_id(self) -> str:
+        return format_event_id(self.id)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Event:
+        return cls(
+            id=row["id"],
+            type=EventType(row["type"]),
+            created_at=row["created_at"],
+            message_seq=row["message_seq"],
+            recipient=row["recipient"],
+            data=json.loads(row["data"]),
+        )
+
+
+def format_time(ts: float) -> str:
+    """A UNIX time as ISO 8601 UTC with milliseconds: `2026-11-23T18:05:00.123Z`."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_event_id(seq: int) -> str:
+    """`evt_` and the event's sequence number, fixed width so the ids sort like the events."""
+    return f"evt_{seq:016x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    seq: int
+    id: str
+    created_at: float
+    source: Source
+    api_key_id: str | None
+    mail_from: str
+    from_header: str
+    subject: str
+    size: int
+    recipients: tuple[Recipient, ...] = ()
+    events: tuple[Event, ...] = ()
+
+    @property
+    def status(self) -> MessageStatus:
+        return derive_message_status([r.status for r in self.recipients])
+
+    @classmethod
+    def from_row(
+        cls,
+        row: sqlite3.Row,
+        recipients: tuple[Recipient, ...] = (),
+        events: tuple[Event, ...] = (),
+    ) -> Message:
+        return cls(
+            seq=row["seq"],
+            id=row["id"],
+            created_at=row["created_at"],
+            source=Source(row["source"]),
+            api_key_id=row["api_key_id"],
+            mail_from=row["mail_from"],
+            from_header=row["from_header"],
+            subject=row["subject"],
+            size=row["size"],
+            recipients=recipients,
+            events=events,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """Units of one message to one destination: they share one SMTP transaction."""
+
+    destination: str
+    message_seq: int
+    message_id: str
+    mail_from: str
+    content: bytes
+    recipients: tuple[Recipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt for one recipient, as the engine records it."""
+
+    recipient_id: int
+    status: RecipientStatus
+    reply: Reply | None
+    due_at: float | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)

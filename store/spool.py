@@ -1,0 +1,362 @@
+"""The Spool: Postroom's only shared state, behind a narrow typed interface.
+
+Owns the database: opening it (migrations applied), the group-commit writer, a small pool of
+read-only connections, and one method per operation the rest of Postroom needs — each one read or
+one write job, typed records in and out. A second backend (PostgreSQL) would implement these same
+methods; nothing outside `store/` would change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiosqlite
+
+from config import Settings
+from store import intake
+from store.db import connect_reader, connect_writer
+from store.errors import NotFound, SpoolClosed
+from store.ids import new_id
+from store.migrate import apply_migrations
+from store.records import (
+    Accepted,
+    ApiKey,
+    DeliveryJob,
+    Event,
+    EventType,
+    Message,
+    NewKey,
+    Outcome,
+    Principal,
+    Recipient,
+    RecipientStatus,
+    Scope,
+    Submission,
+)
+from store.sql import Q
+from store.writer import Writer
+
+_OUTCOME_EVENTS = {
+    RecipientStatus.DELIVERED: EventType.EMAIL_DELIVERED,
+    RecipientStatus.DEFERRED: EventType.EMAIL_DEFERRED,
+    RecipientStatus.BOUNCED: EventType.EMAIL_BOUNCED,
+    RecipientStatus.FAILED: EventType.EMAIL_FAILED,
+}
+KEY_PREFIX = "pr_"
+
+
+def migrate(path: Path, busy_timeout: float = 10.0) -> list[str]:
+    """Create or upgrade the spool at `path`; return the names of the migrations applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect_writer(path, busy_timeout)
+    try:
+        return [f"{m.version:04d}_{m.name}" for m in apply_migrations(conn)]
+    finally:
+        conn.close()
+
+
+class Spool:
+    """Typed access to the spool database; create with `await Spool.open(settings)`."""
+
+    def __init__(
+        self, settings: Settings, writer: Writer, readers: list[aiosqlite.Connection]
+    ) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        for conn in readers:
+            self._readers.put_nowait(conn)
+        self._reader_count = len(readers)
+        self._limits = intake.IntakeLimits(
+            max_message_size=settings.smtp.max_message_size,
+            max_recipients=settings.smtp.max_recipients,
+        )
+        secret = settings.api.key_hash_secret
+        self._key_secret = secret.get_secret_value().encode() if secret else None
+        self._closed = False
+        self._rotation = 0
+        #: Set after every commit that makes delivery work due; the engine waits on it.
+        self.work_available = asyncio.Event()
+
+    @classmethod
+    async def open(cls, settings: Settings, readers: int = 4) -> Spool:
+        path = settings.spool_path
+        timeout = settings.storage.busy_timeout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await asyncio.to_thread(connect_writer, path, timeout)
+        try:
+            await asyncio.to_thread(apply_migrations, conn)
+        except BaseException:
+            conn.close()
+            raise
+        writer = Writer(conn, settings.storage.commit_batch)
+        pool = [await connect_reader(path, timeout) for _ in range(readers)]
+        return cls(settings, writer, pool)
+
+    async def close(self) -> None:
+        """Flush and close the writer last, after the readers."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in range(self._reader_count):
+            conn = await self._readers.get()
+            await conn.close()
+        await self._writer.close()
+
+    @property
+    def is_healthy(self) -> bool:
+        """Open, and the last commit succeeded."""
+        return not self._closed and self._writer.is_healthy
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._closed:
+            raise SpoolClosed()
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    def _digest(self, secret: str) -> bytes:
+        if self._key_secret is not None:
+            return hmac.new(self._key_secret, secret.encode(), hashlib.sha256).digest()
+        return hashlib.sha256(secret.encode()).digest()
+
+    async def create_key(self, name: str, scope: Scope) -> NewKey:
+        """Create a key; its secret is returned once and stored only as a digest."""
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id=new_id("key"),
+            name=name,
+            hint=secret[: len(KEY_PREFIX) + 4],
+            scope=scope,
+            created_at=time.time(),
+            revoked_at=None,
+        )
+        digest = self._digest(secret)
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                Q["insert_key"],
+                {
+                    "id": key.id,
+                    "name": key.name,
+                    "digest": digest,
+                    "hint": key.hint,
+                    "scope": key.scope.value,
+                    "now": key.created_at,
+                },
+            )
+
+        await self._writer.run(job)
+        return NewKey(key=key, secret=secret)
+
+    async def list_keys(self) -> list[ApiKey]:
+        async with self._read() as conn, conn.execute(Q["list_keys"]) as cur:
+            return [ApiKey.from_row(row) for row in await cur.fetchall()]
+
+    async def revoke_key(self, key_id: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute(Q["key_exists"], {"id": key_id}).fetchone() is None:
+                raise NotFound(f"no API key {key_id}")
+            conn.execute(Q["revoke_key"], {"id": key_id, "now": time.time()})
+
+        await self._writer.run(job)
+
+    async def authenticate(self, secret: str) -> Principal | None:
+        """The principal for a presented key, or None when unknown or revoked."""
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        digest = self._digest(secret)
+        async with self._read() as conn:
+            async with conn.execute(Q["key_by_digest"], {"digest": digest}) as cur:
+                row = await cur.fetchone()
+        if row is None or not hmac.compare_digest(row["digest"], digest):
+            return None
+        key = ApiKey.from_row(row)
+        if key.is_revoked:
+            return None
+        return Principal(key_id=key.id, name=key.name, scope=key.scope)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def accept(self, submission: Submission) -> Accepted:
+        """Store a message durably; returns after COMMIT, so the caller may acknowledge it."""
+        accepted = await intake.accept(self._writer, submission, self._limits)
+        self.work_available.set()
+        return accepted
+
+    # -- reading messages -------------------------------------------------------------------
+
+    async def get_message(self, message_id: str) -> Message:
+        async with self._read() as conn:
+            await conn.execute("BEGIN")  # one snapshot for the message, recipients and events
+            try:
+                async with conn.execute(Q["message_by_id"], {"id": message_id}) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    raise NotFound(f"no message {message_id}")
+                async with conn.execute(Q["recipients_of_message"], {"seq": row["seq"]}) as cur:
+                    recipients = tuple(Recipient.from_row(r) for r in await cur.fetchall())
+                async with conn.execute(Q["events_of_message"], {"seq": row["seq"]}) as cur:
+                    events = tuple(Event.from_row(r) for r in await cur.fetchall())
+            finally:
+                await conn.execute("COMMIT")
+        return Message.from_row(row, recipients, events)
+
+    async def list_messages(
+        self, status: RecipientStatus | None = None, limit: int = 50
+    ) -> list[Message]:
+        """Newest first; with `status`, messages that have a recipient in that status."""
+        params = {
+            "status": status.value if status else None,
+            "before": 2**62,
+            "limit": limit,
+        }
+        async with self._read() as conn:
+            await conn.execute("BEGIN")
+            try:
+                async with conn.execute(Q["list_messages"], params) as cur:
+                    rows = list(await cur.fetchall())
+                seqs = json.dumps([r["seq"] for r in rows])
+                async with conn.execute(Q["recipients_of_messages"], {"seqs": seqs}) as cur:
+                    recipients = [Recipient.from_row(r) for r in await cur.fetchall()]
+            finally:
+                await conn.execute("COMMIT")
+        by_message: dict[int, list[Recipient]] = {}
+        for rcpt in recipients:
+            by_message.setdefault(rcpt.message_seq, []).append(rcpt)
+        return [Message.from_row(r, tuple(by_message.get(r["seq"], ()))) for r in rows]
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def claim_due(
+        self, max_units: int, per_destination: int, lease: float, now: float | None = None
+    ) -> list[DeliveryJob]:
+        """Lease due units, round-robin over destinations, grouped into per-message jobs."""
+        start = self._rotation
+        self._rotation += 1
+
+        def job(conn: sqlite3.Connection) -> list[DeliveryJob]:
+            at = time.time() if now is None else now
+            domains = [
+                r[0] for r in conn.execute(Q["due_destinations"], {"now": at, "limit": 10_000})
+            ]
+            if not domains:
+                return []
+            # Rotate the starting destination between calls so none is always served first.
+            offset = start % len(domains)
+            domains = domains[offset:] + domains[:offset]
+            claimed: list[Recipient] = []
+            for domain in domains:
+                room = max_units - len(claimed)
+                if room <= 0:
+                    break
+                rows = conn.execute(
+                    Q["claim_destination"],
+                    {
+                        "domain": domain,
+                        "now": at,
+                        "lease_until": at + lease,
+                        "limit": min(room, per_destination),
+                    },
+                ).fetchall()
+                claimed.extend(Recipient.from_row(r) for r in rows)
+            return _group_jobs(conn, claimed)
+
+        return await self._writer.run(job)
+
+    async def record_outcomes(self, job: DeliveryJob, outcomes: Sequence[Outcome]) -> None:
+        """Record one attempt's outcomes and their events in one write."""
+        by_id = {r.id: r for r in job.recipients}
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            for outcome in outcomes:
+                rcpt = by_id[outcome.recipient_id]
+                reply = outcome.reply
+                cur = conn.execute(
+                    Q["record_outcome"],
+                    {
+                        "id": rcpt.id,
+                        "status": outcome.status.value,
+                        "due_at": outcome.due_at,
+                        "code": reply.code if reply else None,
+                        "enhanced": reply.enhanced if reply else None,
+                        "text": reply.text if reply else None,
+                        "delivered_at": (
+                            now if outcome.status is RecipientStatus.DELIVERED else None
+                        ),
+                        "now": now,
+                    },
+                )
+                if cur.rowcount == 0:  # no longer ours (released or already final)
+                    continue
+                data: dict[str, object] = {"message_id": job.message_id, "recipient": rcpt.email}
+                if reply is not None:
+                    data["reply"] = {
+                        "code": reply.code, "enhanced": reply.enhanced, "text": reply.text
+                    }
+                data.update(outcome.data)
+                conn.execute(
+                    Q["insert_event"],
+                    {
+                        "now": now,
+                        "type": _OUTCOME_EVENTS[outcome.status].value,
+                        "message_seq": job.message_seq,
+                        "recipient": rcpt.email,
+                        "data": json.dumps(data),
+                    },
+                )
+
+        await self._writer.run(write)
+        if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
+            self.work_available.set()
+
+    async def release(self, recipient_ids: Iterable[int]) -> None:
+        """Give claimed units back, due now (shutdown, or work that could not start)."""
+        ids = list(recipient_ids)
+        if not ids:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(Q["release_lease"], [{"id": i, "now": now} for i in ids])
+
+        await self._writer.run(job)
+
+
+def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
+    if not claimed:
+        return []
+    seqs = sorted({r.message_seq for r in claimed})
+    messages = {
+        row["seq"]: row
+        for row in conn.execute(Q["messages_for_delivery"], {"seqs": json.dumps(seqs)})
+    }
+    groups: dict[tuple[int, str], list[Recipient]] = {}
+    for rcpt in claimed:
+        groups.setdefault((rcpt.message_seq, rcpt.domain), []).append(rcpt)
+    return [
+        DeliveryJob(
+            destination=domain,
+            message_seq=seq,
+            message_id=messages[seq]["id"],
+            mail_from=messages[seq]["mail_from"],
+            content=bytes(messages[seq]["body"]),
+            recipients=tuple(rcpts),
+        )
+        for (seq, domain), rcpts in groups.items()
+    ]

@@ -1,0 +1,224 @@
+"""A real SMTP server (aiosmtpd) in the running event loop, standing in for a remote MX.
+
+Owns `MxSink` (records accepted messages, serves scripted replies, counts sessions) and the
+`Received` record it stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message the sink accepted. A null sender (MAIL FROM:<>) is recorded as "<>"."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes  # exactly as received after dot-unstuffing: CRLF line endings, no decoding
+    peer: str  # "host:port" of the client
+    tls: bool  # True if the session had completed STARTTLS
+
+
+class _Handler:
+    """aiosmtpd hooks; kept apart from MxSink so its public API has no handle_* names."""
+
+    def __init__(self, sink: MxSink) -> None:
+        self.sink = sink
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = _pop(self.sink._mail_script)
+        if reply and not reply.startswith("2"):
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return reply or "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = _pop(self.sink._rcpt_scripts.get(address.lower()))
+        if reply and not reply.startswith("2"):
+            return reply
+        envelope.rcpt_tos.append(address)  # any domain is accepted
+        envelope.rcpt_options.extend(options)
+        return reply or "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = _pop(self.sink._data_script)
+        if reply and not reply.startswith("2"):
+            return reply
+        host, port = session.peer[:2]
+        await self.sink._record(
+            Received(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                data=envelope.original_content or b"",
+                peer=f"{host}:{port}",
+                tls=session.ssl is not None,
+            )
+        )
+        return reply or "250 2.0.0 OK queued"
+
+
+def _pop(queue: deque[str] | None) -> str | None:
+    return queue.popleft() if queue else None
+
+
+class _SinkSMTP(SMTP):
+    """aiosmtpd's protocol, reporting connection open and close to the sink."""
+
+    def __init__(self, sink: MxSink, **kwargs: Any) -> None:
+        super().__init__(_Handler(sink), **kwargs)
+        self.sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None:  # not the second call that follows STARTTLS
+            self.sink._opened(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.sink._closed(self)
+        super().connection_lost(error)
+
+
+class MxSink:
+    """SMTP server on 127.0.0.1:<ephemeral>, run in the current event loop.
+
+    Accepts any recipient; `messages` holds a `Received` per accepted message. Scripted replies
+    are consumed one per matching command, then normal acceptance resumes; a 2xx scripted reply
+    still accepts (with that text).
+    """
+
+    def __init__(
+        self,
+        hostname: str = "mx.test",
+        tls_context: ssl.SSLContext | None = None,
+        *,
+        data_size_limit: int | None = 64 * 1024 * 1024,
+        smtputf8: bool = True,
+    ) -> None:
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.data_size_limit = data_size_limit
+        self.smtputf8 = smtputf8
+        self.port = 0
+        self.messages: list[Received] = []
+        self.sessions_total = 0
+        self.max_concurrent_sessions = 0
+        self._live: set[_SinkSMTP] = set()
+        self._mail_script: deque[str] = deque()
+        self._rcpt_scripts: dict[str, deque[str]] = {}
+        self._data_script: deque[str] = deque()
+        self._changed = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+
+    # -- scripting ---------------------------------------------------------------------------
+
+    def script_mail(self, *replies: str) -> None:
+        """Replies for the next MAIL FROM commands, in order, e.g. "421 4.7.0 go away"."""
+        self._mail_script.extend(replies)
+
+    def script_rcpt(self, address: str, *replies: str) -> None:
+        """Replies for the next RCPT TO of `address` (case-insensitive), in order."""
+        self._rcpt_scripts.setdefault(address.lower(), deque()).extend(replies)
+
+    def script_data(self, *replies: str) -> None:
+        """Replies after the end of DATA for the next transactions, in order."""
+        self._data_script.extend(replies)
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._live)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> MxSink:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def _protocol(self) -> _SinkSMTP:
+        # Every argument is explicit so aiosmtpd neither guesses the loop nor warns.
+        return _SinkSMTP(
+            self,
+            hostname=self.hostname,
+            ident="Postroom test MX",
+            tls_context=self.tls_context,
+            require_starttls=False,
+            decode_data=False,
+            enable_SMTPUTF8=self.smtputf8,
+            data_size_limit=self.data_size_limit,
+            auth_required=False,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for proto in list(self._live):
+            # Close the raw socket transport, skipping a TLS close_notify exchange.
+            transport = proto._original_transport or proto.transport
+            if transport is not None:
+                transport.close()
+        for _ in range(250):
+            if not self._live:
+                break
+            await asyncio.sleep(0.02)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> MxSink:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    async def wait_for_messages(self, n: int, timeout: float = 10) -> list[Received]:
+        """Wait until at least `n` messages are recorded; return them all."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: len(self.messages) >= n)
+        except TimeoutError:
+            pending = len(self._mail_script) + len(self._data_script)
+            pending += sum(len(q) for q in self._rcpt_scripts.values())
+            raise TimeoutError(
+                f"MxSink {self.hostname} (port {self.port}) has {len(self.messages)} of {n} "
+                f"messages after {timeout}s; sessions so far: {self.sessions_total}, "
+                f"open: {len(self._live)}, scripted replies unused: {pending}"
+            ) from None
+        return list(self.messages)
+
+    # -- called by the protocol and handler --------------------------------------------------
+
+    def _opened(self, proto: _SinkSMTP) -> None:
+        self._live.add(proto)
+        self.sessions_total += 1
+        self.max_concurrent_sessions = max(self.max_concurrent_sessions, len(self._live))
+
+    def _closed(self, proto: _SinkSMTP) -> None:
+        self._live.discard(proto)
+
+    async def _record(self, message: Received) -> None:
+        async with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
