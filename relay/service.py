@@ -103,6 +103,9 @@ class Service:
             sock = api_server.servers[0].sockets[0]
             self.api_address = sock.getsockname()[:2]
 
+            if recovered := await spool.recover_leases():
+                logger.warning("%d delivery unit(s) were in flight at the last stop: due now",
+                               recovered)
             engine = DeliveryEngine(spool, settings, MxResolver(build_resolver(settings)))
             tasks["delivery"] = asyncio.create_task(engine.run(), name="delivery")
 

@@ -90,7 +90,9 @@ class SubmissionHandler:
         except UnicodeDecodeError:
             principal = None
         if principal is None:
-            return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+            return AuthResult(
+                success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+            )
         return AuthResult(success=True, auth_data=principal)
 
     # -- the transaction ---------------------------------------------------------------------

@@ -83,6 +83,13 @@ SET status = :status, attempts = attempts + 1, due_at = :due_at, last_code = :co
     last_enhanced = :enhanced, last_text = :text, delivered_at = :delivered_at, updated_at = :now
 WHERE id = :id AND status = 'sending';
 
+-- name: release_all_leases
+-- At start-up of the process that owns the spool: units left 'sending' by a crash are due now.
+UPDATE recipients
+SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+    due_at = :now, updated_at = :now
+WHERE status = 'sending';
+
 -- name: release_lease
 -- Give a claimed unit back without an attempt (shutdown): due now, status as before the claim.
 UPDATE recipients

@@ -325,6 +325,22 @@ class Spool:
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
             self.work_available.set()
 
+    async def recover_leases(self) -> int:
+        """Make units a crashed run left in flight due now; return how many.
+
+        Only the process that owns the spool may call this, before its engine claims anything:
+        with one owner, every lease it finds at start-up belongs to a run that is gone, so there
+        is no reason to wait for the leases to expire.
+        """
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(Q["release_all_leases"], {"now": time.time()}).rowcount
+
+        count = await self._writer.run(job)
+        if count:
+            self.work_available.set()
+        return count
+
     async def release(self, recipient_ids: Iterable[int]) -> None:
         """Give claimed units back, due now (shutdown, or work that could not start)."""
         ids = list(recipient_ids)

@@ -13,6 +13,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -185,14 +186,22 @@ class Process:
     proc: subprocess.Popen[str]
     smtp_port: int
     api_url: str
+    drain: threading.Thread
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self._reap()
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        return self._reap()
+
+    def _reap(self) -> int:
+        code = self.proc.wait(30)
+        self.drain.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
 
 
 def postroom_cli(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -217,15 +226,15 @@ def spawn_postroom(config: Path) -> Process:
     for line in proc.stdout:
         seen.append(line)
         if m := _LISTENING.search(line):
-            import threading
-
             # Keep draining the pipe so the child never blocks on a full buffer.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return Process(proc, int(m.group(1)), m.group(2))
+            drain = threading.Thread(target=proc.stdout.read, daemon=True)
+            drain.start()
+            return Process(proc, int(m.group(1)), m.group(2), drain)
         if len(seen) > 200:
             break
     proc.kill()
     proc.wait()
+    proc.stdout.close()
     raise AssertionError("postroom did not start:\n" + "".join(seen))
 
 

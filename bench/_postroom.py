@@ -1,0 +1,340 @@
+"""Shared code of the benchmarks: a private Postroom process, percentiles, and the report.
+
+`PrivatePostroom` runs a throwaway Postroom for one benchmark run: a temporary directory with a
+`postroom.toml` (SMTP and API on 127.0.0.1, ephemeral ports; 127.0.0.0/8 trusted to relay; DNS
+pointed at 127.0.0.1:1, where nothing answers, so delivery attempts fail and defer for an hour),
+`postroom init`, one API key, then `postroom serve` as a subprocess. On exit it sends SIGTERM to
+that process only, waits for it, and removes the directory.
+
+Not a benchmark itself; imported by `accept_http.py` and `accept_smtp.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+CONFIG = """\
+[server]
+data_dir = "data"
+hostname = "bench.test"
+
+[smtp]
+listen = ["127.0.0.1:0"]
+trusted_networks = ["127.0.0.0/8"]
+
+[api]
+listen = "127.0.0.1:0"
+
+[delivery]
+dns_nameservers = ["127.0.0.1:1"]
+dns_timeout = "1s"
+mx_port = 1
+retry_schedule = ["1h"]
+"""
+
+_LISTENING = re.compile(r"Postroom is listening: SMTP (?P<smtp>[^;]+); API (?P<api>http://\S+)")
+_LOG_LEVEL = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+
+def postroom_command() -> list[str]:
+    """The `postroom` of this interpreter's virtualenv, else `python -m relay`."""
+    exe = Path(sys.executable).parent / "postroom"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [sys.executable, "-m", "relay"]
+
+
+def _child_env() -> dict[str, str]:
+    # POSTROOM_* variables would override the private config file: leave them out.
+    return {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class PrivatePostroom:
+    """A Postroom process of our own, on 127.0.0.1; use as a context manager."""
+
+    workdir: Path | None = None
+    proc: subprocess.Popen[str] | None = None
+    key: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 0
+    api_url: str = ""
+    log_levels: collections.Counter[str] = field(default_factory=collections.Counter)
+    log_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=50)
+    )
+    first_problem: str | None = None
+    exit_code: int | None = None
+    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def config_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "postroom.toml"
+
+    def __enter__(self) -> PrivatePostroom:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [*postroom_command(), "--config", str(self.config_path), *args],
+            capture_output=True, text=True, timeout=120, env=_child_env(), check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"postroom {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+            )
+        return done.stdout
+
+    def start(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
+        self.config_path.write_text(CONFIG, encoding="utf-8")
+        self._cli("init")
+        self.key = json.loads(self._cli("keys", "create", "--name", "bench", "--json"))["key"]
+        self.proc = subprocess.Popen(
+            [*postroom_command(), "--config", str(self.config_path), "serve"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, bufsize=1, env=_child_env(), cwd=self.workdir,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            thread = threading.Thread(
+                target=self._drain, args=(stream, name == "stdout"), name=f"drain-{name}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(
+                    f"postroom serve did not say where it listens within {START_TIMEOUT:g}s:\n"
+                    + self.tail()
+                ) from None
+            if line is None:
+                self.proc.wait(10)
+                raise RuntimeError(
+                    f"postroom serve exited {self.proc.returncode} during start-up:\n"
+                    + self.tail()
+                )
+            if m := _LISTENING.search(line):
+                self.smtp_host, self.smtp_port = split_host_port(m["smtp"].split(",")[0])
+                self.api_url = m["api"].rstrip("/")
+                return
+
+    def _drain(self, stream: IO[str], is_stdout: bool) -> None:
+        for line in stream:
+            with self._lock:
+                self.log_tail.append(line.rstrip("\n"))
+                if m := _LOG_LEVEL.search(line):
+                    self.log_levels[m[1]] += 1
+                    if m[1] in ("WARNING", "ERROR", "CRITICAL") and self.first_problem is None:
+                        self.first_problem = line.rstrip("\n")
+            if is_stdout:
+                self._lines.put(line)
+        if is_stdout:
+            self._lines.put(None)
+
+    def tail(self) -> str:
+        with self._lock:
+            return "\n".join(self.log_tail)
+
+    def peak_rss_kib(self) -> int | None:
+        """VmHWM of the running process (KiB), None once it is gone."""
+        return read_status_kib(self.pid, "VmHWM") if self.proc is not None else None
+
+    def stop(self) -> None:
+        """SIGTERM our process, wait for it (SIGKILL after a grace period), remove the files."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"postroom (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT:g}s: "
+                      "killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait(10)
+        if proc is not None:
+            self.exit_code = proc.returncode
+            for thread in self._threads:
+                thread.join(5)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+# -- /proc --------------------------------------------------------------------------------------
+
+
+def read_status_kib(pid: int, field_name: str) -> int | None:
+    """A `kB` field (VmHWM, VmRSS, ...) of /proc/<pid>/status, None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # After the ")" of comm: state is fields[0], so utime (field 14) is fields[11].
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (p99 of 500 values = the 495th)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def latency_line(label: str, seconds: Sequence[float]) -> str:
+    values = sorted(seconds)
+    if not values:
+        return f"{label}: no samples"
+    ms = [v * 1000 for v in values]
+    return (
+        f"{label}: p50 {percentile(ms, 50):.2f} ms, p99 {percentile(ms, 99):.2f} ms "
+        f"(min {ms[0]:.2f}, max {ms[-1]:.2f}, n={len(ms)})"
+    )
+
+
+def mib(kib: int | None) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+@dataclass
+class ProcessWatch:
+    """CPU and memory of the private Postroom around the measured part of a run."""
+
+    server: PrivatePostroom | None
+    rss_at_start_kib: int | None = None
+    server_cpu_start: float | None = None
+    client_cpu_start: float = 0.0
+    server_cpu: float | None = None
+    client_cpu: float = 0.0
+    peak_rss_kib: int | None = None
+
+    def begin(self) -> None:
+        self.client_cpu_start = time.process_time()
+        if self.server is not None:
+            self.rss_at_start_kib = read_status_kib(self.server.pid, "VmRSS")
+            self.server_cpu_start = cpu_seconds(self.server.pid)
+
+    def end(self) -> None:
+        """Call while the server still runs: /proc/<pid> goes away with it."""
+        self.client_cpu = time.process_time() - self.client_cpu_start
+        if self.server is not None:
+            self.peak_rss_kib = self.server.peak_rss_kib()
+            now = cpu_seconds(self.server.pid)
+            if now is not None and self.server_cpu_start is not None:
+                self.server_cpu = now - self.server_cpu_start
+
+    def lines(self, wall: float) -> list[str]:
+        out = [f"benchmark client CPU: {self.client_cpu:.2f} s ({self.client_cpu / wall:.0%})"]
+        if self.server is None:
+            out.append("postroom peak RSS: n/a (not started by this benchmark)")
+            return out
+        if self.server_cpu is not None:
+            out.append(
+                f"postroom CPU: {self.server_cpu:.2f} s ({self.server_cpu / wall:.0%} of one core)"
+            )
+        out.append(
+            f"postroom peak RSS (VmHWM): {mib(self.peak_rss_kib)} "
+            f"(RSS before the run {mib(self.rss_at_start_kib)}; pid {self.server.pid})"
+        )
+        return out
+
+
+def server_log_lines(server: PrivatePostroom | None) -> list[str]:
+    if server is None:
+        return []
+    with server._lock:
+        levels = dict(server.log_levels)
+        problem = server.first_problem
+    counted = ", ".join(f"{n} {level}" for level, n in sorted(levels.items())) or "nothing"
+    out = [f"postroom log lines: {counted}"]
+    if problem:
+        out.append(f"  first warning/error: {problem[:300]}")
+    return out
+
+
+def body_text(size: int, newline: str = "\n") -> str:
+    """About `size` bytes of plain ASCII text in lines of at most 76 characters."""
+    words = (
+        "postroom benchmark filler text the quick brown fox jumps over the lazy dog "
+        "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor"
+    ).split()
+    lines: list[str] = []
+    line: list[str] = []
+    total = 0
+    i = 0
+    while total < size:
+        word = words[i % len(words)]
+        i += 1
+        if sum(len(w) + 1 for w in line) + len(word) > 76:
+            text = " ".join(line)
+            lines.append(text)
+            total += len(text) + len(newline)
+            line = []
+        line.append(word)
+    return newline.join(lines) + newline

@@ -1,0 +1,61 @@
+"""Meta-tests that keep the house's shape: SQL only in store/, import direction, our own tree."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import api
+import config
+import relay
+import store
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("relay", "api", "store", "config")
+
+
+def imports_of(package: str) -> dict[Path, set[str]]:
+    found: dict[Path, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[path] = names
+    return found
+
+
+def test_imports_resolve_to_this_tree():
+    for module in (api, config, relay, store):
+        assert module.__file__ is not None
+        assert Path(module.__file__).resolve().is_relative_to(ROOT)
+
+
+def test_sqlite_only_in_store():
+    for package in ("relay", "api", "config"):
+        for path, names in imports_of(package).items():
+            assert not names & {"sqlite3", "aiosqlite"}, path
+
+
+def test_dependency_direction():
+    allowed = {
+        "store": {"config"},
+        "config": set(),
+        "api": {"store", "config"},
+        "relay": {"store", "config"},
+    }
+    exceptions = {ROOT / "relay" / "service.py", ROOT / "relay" / "cli.py"}
+    for package in PACKAGES:
+        for path, names in imports_of(package).items():
+            ours = (names & set(PACKAGES)) - {package}
+            if path in exceptions:
+                continue
+            assert ours <= allowed[package], f"{path.relative_to(ROOT)} imports {ours}"
+
+
+def test_every_event_type_is_documented_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    for event in store.EventType:
+        assert f"`{event.value}`" in readme, event.value

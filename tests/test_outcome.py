@@ -1,0 +1,47 @@
+"""Pure decisions: reply classification and the retry schedule, as tables of named cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.outcome import classify, decide, make_reply, next_attempt
+from store import RecipientStatus, Reply
+
+SCHEDULE = [30.0, 300.0, 1800.0, 7200.0, 18000.0]
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "status"),
+    [
+        pytest.param(250, "2.0.0 Ok", RecipientStatus.DELIVERED, id="2xx delivered"),
+        pytest.param(451, "4.3.0 Try later", RecipientStatus.DEFERRED, id="4xx deferred"),
+        pytest.param(550, "5.1.1 No such user", RecipientStatus.BOUNCED, id="5xx bounced"),
+        pytest.param(550, "4.7.1 Greylisted", RecipientStatus.DEFERRED, id="5xx with 4.x.x"),
+        pytest.param(421, "Closing", RecipientStatus.DEFERRED, id="4xx without enhanced"),
+        pytest.param(999, "what", RecipientStatus.DEFERRED, id="nonsense defers"),
+    ],
+)
+def test_classify(code: int, text: str, status: RecipientStatus):
+    assert classify(make_reply(code, text)) is status
+
+
+def test_make_reply_splits_the_enhanced_code():
+    assert make_reply(550, "5.1.1  No such\n user") == Reply(550, "5.1.1", "No such user")
+    assert make_reply(250, "Ok") == Reply(250, None, "Ok")
+
+
+@pytest.mark.parametrize(
+    ("attempts", "due"),
+    [(1, 1030.0), (2, 1300.0), (5, 19000.0), (6, None), (0, None)],
+)
+def test_retry_schedule(attempts: int, due: float | None):
+    assert next_attempt(attempts, SCHEDULE, now=1000.0) == due
+
+
+def test_sixth_failed_attempt_bounces():
+    reply = Reply(451, "4.4.1", "connection refused")
+    assert decide(1, 4, reply, SCHEDULE, 0.0).status is RecipientStatus.DEFERRED
+    last = decide(1, 5, reply, SCHEDULE, 0.0)
+    assert last.status is RecipientStatus.BOUNCED
+    assert last.data["reason"] == "retries exhausted"
+    assert last.due_at is None

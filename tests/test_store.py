@@ -1,0 +1,158 @@
+"""The spool: group commit, job isolation, leases, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from config import Settings
+from store import (
+    NotFound,
+    PolicyRejected,
+    RecipientStatus,
+    Scope,
+    Source,
+    Spool,
+    StorageFull,
+    Submission,
+)
+from store.migrate import migrations
+
+CONTENT = b"From: a@acme.test\r\nSubject: s\r\n\r\nbody\r\n"
+
+
+def submission(*recipients: str, content: bytes = CONTENT) -> Submission:
+    return Submission("a@acme.test", recipients or ("u@example.test",), content, Source.API)
+
+
+@pytest.fixture
+async def spool(tmp_path: Path):
+    opened = await Spool.open(Settings(server={"data_dir": str(tmp_path)}))
+    yield opened
+    await opened.close()
+
+
+def spool_rows(tmp_path: Path, table: str) -> int:
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+async def test_wal_and_full_sync_on_the_writer(tmp_path: Path, spool: Spool):
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_concurrent_accepts_commit_together_and_a_failing_job_fails_alone(
+    tmp_path: Path, spool: Spool
+):
+    results = await asyncio.gather(
+        *[spool.accept(submission(f"u{i}@example.test")) for i in range(50)],
+        spool.revoke_key("key_missing"),  # fails inside the same group transaction
+        *[spool.accept(submission(f"v{i}@example.test")) for i in range(50)],
+        return_exceptions=True,
+    )
+    assert isinstance(results[50], NotFound)
+    accepted = [r for i, r in enumerate(results) if i != 50]
+    assert all(r.id.startswith("msg_") for r in accepted)
+    assert len({r.id for r in accepted}) == 100
+    assert spool_rows(tmp_path, "messages") == 100
+    assert spool_rows(tmp_path, "recipients") == 100
+    assert spool_rows(tmp_path, "events") == 100
+
+
+async def test_policy_rejections_store_nothing(tmp_path: Path, spool: Spool):
+    with pytest.raises(PolicyRejected) as excinfo:
+        await spool.accept(submission("no-at-sign"))
+    assert excinfo.value.slug == "invalid_recipient"
+    with pytest.raises(PolicyRejected) as excinfo:
+        await spool.accept(submission(*[f"u{i}@example.test" for i in range(101)]))
+    assert excinfo.value.slug == "too_many_recipients"
+    assert spool_rows(tmp_path, "messages") == 0
+
+
+async def test_duplicate_recipients_are_one_unit(spool: Spool):
+    accepted = await spool.accept(submission("U@example.test", "u@example.test"))
+    message = await spool.get_message(accepted.id)
+    assert [r.email for r in message.recipients] == ["U@example.test"]
+
+
+async def test_claim_leases_units_once_and_round_robins_destinations(spool: Spool):
+    for i in range(30):
+        await spool.accept(submission(f"u{i}@big.test"))
+    await spool.accept(submission("one@small.test"))
+    jobs = await spool.claim_due(max_units=12, per_destination=10, lease=60)
+    destinations = [j.destination for j in jobs]
+    # One domain's backlog does not starve the other: both are served in one claim.
+    assert destinations.count("big.test") == 10
+    assert destinations.count("small.test") == 1
+    again = await spool.claim_due(max_units=100, per_destination=100, lease=60)
+    assert {r.id for j in again for r in j.recipients}.isdisjoint(
+        {r.id for j in jobs for r in j.recipients}
+    )
+    assert len(again) == 20
+
+
+async def test_expired_and_recovered_leases_make_units_due_again(spool: Spool):
+    accepted = await spool.accept(submission())
+    [job] = await spool.claim_due(10, 10, lease=60)
+    assert await spool.claim_due(10, 10, lease=60) == []
+    # Another run of the service (after a crash) recovers what was in flight.
+    assert await spool.recover_leases() == 1
+    [again] = await spool.claim_due(10, 10, lease=60)
+    assert again.recipients[0].id == job.recipients[0].id
+    message = await spool.get_message(accepted.id)
+    assert message.recipients[0].status is RecipientStatus.SENDING
+    # An expired lease is due without any recovery.
+    await spool.release([])
+    later = await spool.claim_due(10, 10, lease=60, now=again.recipients[0].updated_at + 61)
+    assert [j.message_id for j in later] == [accepted.id]
+
+
+async def test_full_disk_fails_the_batch_and_the_writer_keeps_running(
+    tmp_path: Path, spool: Spool
+):
+    await spool.accept(submission())
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    big = CONTENT + b"x" * 400_000
+    # Reproduce a full disk: the writer's connection may not grow the file any further.
+    await spool._writer.run(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 2}"))
+    with pytest.raises(StorageFull):
+        await spool.accept(submission(content=big))
+    assert not spool.is_healthy
+    await spool._writer.run(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
+    accepted = await spool.accept(submission(content=big))
+    assert spool.is_healthy
+    assert (await spool.get_message(accepted.id)).size > 400_000
+    assert spool_rows(tmp_path, "messages") == 2
+
+
+async def test_keys_are_stored_as_digests(tmp_path: Path, spool: Spool):
+    new = await spool.create_key("k", Scope.SEND)
+    principal = await spool.authenticate(new.secret)
+    assert principal is not None and principal.scope is Scope.SEND
+    assert await spool.authenticate(new.secret + "x") is None
+    raw = (tmp_path / "spool.sqlite3").read_bytes() + (tmp_path / "spool.sqlite3-wal").read_bytes()
+    assert new.secret.encode() not in raw
+
+
+async def test_key_hash_secret_changes_the_digest(tmp_path: Path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("pepper\n")
+    settings = Settings(server={"data_dir": str(tmp_path)},
+                        api={"key_hash_secret_file": str(secret_file)})
+    peppered = await Spool.open(settings)
+    new = await peppered.create_key("k", Scope.FULL)
+    assert await peppered.authenticate(new.secret) is not None
+    await peppered.close()
+    plain = await Spool.open(Settings(server={"data_dir": str(tmp_path)}))
+    assert await plain.authenticate(new.secret) is None
+    await plain.close()
+
+
+def test_migrations_are_numbered_without_gaps():
+    versions = [m.version for m in migrations()]
+    assert versions == list(range(1, len(versions) + 1))
