@@ -85,8 +85,11 @@ async def run(
     async with httpx.AsyncClient(
         base_url=url, headers=headers, limits=limits, timeout=args.timeout
     ) as client:
-        health = await client.get("/healthz")
-        health.raise_for_status()
+        try:
+            (await client.get("/healthz")).raise_for_status()
+        except httpx.HTTPError as exc:
+            print(f"accept_http: cannot use {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
 
         async def worker() -> None:
             for i in pending:  # one shared iterator: each message is sent once

@@ -224,8 +224,13 @@ async def run(
     worker = worker_reuse if args.reuse else worker_new_connections
 
     # One probe session first: fail fast (and outside the timing) if the server is not usable.
-    probe = await open_session(args, host, port, key)
-    await probe.quit()
+    try:
+        probe = await open_session(args, host, port, key)
+        await probe.quit()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        print(f"accept_smtp: cannot use SMTP {host}:{port}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
 
     watch = _postroom.ProcessWatch(server)
     watch.begin()
