@@ -187,7 +187,10 @@ WHERE endpoint_seq = :seq AND status = 'pending';
 SELECT 1 FROM webhook_outbox WHERE due_at <= :now LIMIT 1;
 
 -- name: due_webhook_endpoints
-SELECT DISTINCT endpoint_seq FROM webhook_outbox WHERE due_at <= :now LIMIT :limit;
+-- Endpoints with due rows: one index probe per endpoint (few), never a walk over the backlog.
+SELECT seq FROM webhook_endpoints e
+WHERE EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.endpoint_seq = e.seq AND o.due_at <= :now)
+LIMIT :limit;
 
 -- name: claim_webhook_endpoint
 -- Lease up to :limit due rows of one endpoint, oldest due first (see claim_destination).
