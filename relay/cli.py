@@ -203,6 +203,9 @@ def configure_logging(level: str) -> None:
     # aiosmtpd logs every command at INFO and DATA lines (bodies) and AUTH continuations at
     # DEBUG: never let it below WARNING, whatever the root level (STYLE.md gotcha 10).
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO; webhook URLs may carry credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 # -- keys ---------------------------------------------------------------------------------------

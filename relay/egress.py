@@ -13,8 +13,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import dns.asyncresolver
 import dns.exception
@@ -37,10 +37,12 @@ class Target:
     host: str  # as in the URL (no brackets), for Host and TLS SNI
     port: int
     address: IPAddress
+    username: str | None = field(default=None, repr=False)  # from user:password@ in the URL
+    password: str | None = field(default=None, repr=False)
 
     @property
     def pinned_url(self) -> str:
-        """The URL with the host replaced by the checked address."""
+        """The URL with the host replaced by the checked address (credentials go in `auth`)."""
         parts = urlsplit(self.url)
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return SplitResult(parts.scheme, f"{host}:{self.port}", parts.path or "/", parts.query,
@@ -132,7 +134,11 @@ class Egress:
                         f"{host} is (or resolves to) the non-public address {address}; set "
                         "webhooks.allow_private_networks = true to allow private networks",
                     )
-        return Target(url=url, scheme=parts.scheme, host=host, port=port, address=addresses[0])
+        return Target(
+            url=url, scheme=parts.scheme, host=host, port=port, address=addresses[0],
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
 
     async def _addresses(self, host: str) -> list[IPAddress] | UrlRefusal:
         literal = literal_address(host)

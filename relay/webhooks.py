@@ -275,6 +275,9 @@ class WebhookDispatcher:
         extensions: Mapping[str, object] = (
             {"sni_hostname": target.host} if target.scheme == "https" else {}
         )
+        if target.username is not None:  # user:password@ in the URL: HTTP Basic (RFC 7617)
+            pair = f"{target.username}:{target.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         try:
             response = await self._client(target).post(
                 target.pinned_url, content=body, headers=headers, extensions=dict(extensions)

@@ -188,6 +188,9 @@ def record_job(
 ) -> None:
     """The attempt's log entry and the row's next state, in one write."""
     endpoint = delivery.endpoint
+    current = conn.execute(Q["webhook_by_id"], {"id": endpoint.id}).fetchone()
+    if current is None:
+        return  # deleted during the attempt, with its outbox rows and log
     log_attempt(conn, endpoint.seq, delivery.event, delivery.attempts + 1, result, now)
     due_at = outcome.due_at
     if outcome.disable_reason is not None:
@@ -196,10 +199,8 @@ def record_job(
             {"seq": endpoint.seq, "reason": outcome.disable_reason, "now": now},
         )
         conn.execute(Q["pause_outbox_of_endpoint"], {"seq": endpoint.seq, "now": now})
-    elif outcome.status is OutboxStatus.PENDING:
-        row = conn.execute(Q["webhook_by_id"], {"id": endpoint.id}).fetchone()
-        if row is None or not row["enabled"]:
-            due_at = None  # disabled meanwhile: the row waits until it is enabled again
+    elif outcome.status is OutboxStatus.PENDING and not current["enabled"]:
+        due_at = None  # disabled meanwhile: the row waits until it is enabled again
     conn.execute(
         Q["record_webhook_outcome"],
         {

@@ -244,6 +244,36 @@ async def test_410_gone_disables_the_endpoint(start: Callable[..., Any], sink: W
     assert len(sink.requests) == 1
 
 
+async def test_credentials_in_the_url_become_basic_auth(
+    start: Callable[..., Any], sink: WebhookSink
+):
+    postroom: Running = await start(**FAST)
+    key = await postroom.new_key()
+    url = f"http://app:s%40cret@127.0.0.1:{sink.port}/hooks?x=1"
+    hook = await add_webhook(postroom, key, url, events=["email.queued"])
+    await submit(postroom)
+    [request] = await sink.wait_for_requests(1)
+    assert request.path == "/hooks?x=1"
+    assert request.headers["host"] == f"127.0.0.1:{sink.port}"
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"app:s@cret").decode()
+    check_signed(request, hook["secret"])
+
+
+async def test_a_name_is_resolved_by_our_resolver_and_sent_as_host(
+    start: Callable[..., Any], dns: DnsServer, sink: WebhookSink
+):
+    dns.add_a("hook.example.test", "127.0.0.1")
+    postroom: Running = await start(**FAST)
+    key = await postroom.new_key()
+    hook = await add_webhook(postroom, key, f"http://hook.example.test:{sink.port}/",
+                             events=["email.queued"])
+    await submit(postroom)
+    [request] = await sink.wait_for_requests(1)
+    assert request.headers["host"] == f"hook.example.test:{sink.port}"
+    assert ("hook.example.test", "A") in dns.queries
+    check_signed(request, hook["secret"])
+
+
 async def test_redirects_are_not_followed(start: Callable[..., Any], sink: WebhookSink):
     postroom: Running = await start(**FAST)
     key = await postroom.new_key()
