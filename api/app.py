@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, messages
-from api.types import AppState, ReadinessProbe
+from api import errors, events, messages, webhooks
+from api.types import AppState, ReadinessProbe, WebhookGateway
 from config import Settings
 from store import Spool, StoreError
 
@@ -49,12 +49,19 @@ class ShutdownGate:
         await self.app(scope, receive, send)
 
 
-def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> Starlette:
+def create_app(
+    spool: Spool,
+    settings: Settings,
+    readiness: ReadinessProbe,
+    gateway: WebhookGateway | None = None,
+) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
+        *events.routes,
+        *webhooks.routes,
     ]
     app = Starlette(
         routes=routes,
@@ -65,6 +72,8 @@ def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> S
             Exception: errors.handle_unexpected,
         },
     )
-    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    app.state.postroom = AppState(
+        spool=spool, settings=settings, readiness=readiness, webhooks=gateway
+    )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

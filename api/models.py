@@ -5,9 +5,27 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
-from store import Event, Message, Recipient, format_time
+from store import (
+    ALL_EVENTS,
+    AttemptResult,
+    Event,
+    EventType,
+    Message,
+    Recipient,
+    WebhookAttempt,
+    WebhookEndpoint,
+    format_time,
+)
 
 # A pragmatic addr-spec: no whitespace, controls, angle brackets or commas; one @; a dotted or
 # bracketed domain. RFC 5321 length limits: 64 for the local part, 254 for the whole path.
@@ -161,3 +179,152 @@ class AcceptedOut(BaseModel):
 
 def _time(ts: float | None) -> str | None:
     return None if ts is None else format_time(ts)
+
+
+# -- events and webhooks ------------------------------------------------------------------------
+
+
+class EventItemOut(BaseModel):
+    """One event in `GET /v1/events`, the stream and `postroom events tail --json`."""
+
+    id: str
+    type: str
+    created_at: str
+    message_id: str | None
+    recipient: str | None
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: Event) -> EventItemOut:
+        message_id = event.message_id or event.data.get("message_id")
+        return cls(
+            id=event.public_id,
+            type=event.type.value,
+            created_at=format_time(event.created_at),
+            message_id=message_id if isinstance(message_id, str) else None,
+            recipient=event.recipient,
+            data=dict(event.data),
+        )
+
+
+class EventPageOut(BaseModel):
+    data: list[EventItemOut]
+    next_cursor: str | None
+
+
+def _event_types(value: Any) -> Any:
+    if value == ALL_EVENTS:
+        return [ALL_EVENTS]
+    return value
+
+
+def _check_event_types(value: list[str]) -> list[str]:
+    known = {e.value for e in EventType}
+    for item in value:
+        if item != ALL_EVENTS and item not in known:
+            raise ValueError(f"unknown event type {item!r}")
+    if ALL_EVENTS in value:
+        return [ALL_EVENTS]
+    return list(dict.fromkeys(value))
+
+
+EventTypes = Annotated[
+    list[str],
+    BeforeValidator(_event_types),
+    Field(min_length=1, max_length=50),
+    AfterValidator(_check_event_types),
+]
+WebhookUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class WebhookCreate(BaseModel):
+    """`POST /v1/webhooks`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+    events: EventTypes = [ALL_EVENTS]
+    description: str = Field(default="", max_length=500)
+    enabled: bool = True
+
+
+class WebhookPatch(BaseModel):
+    """`PATCH /v1/webhooks/{id}`: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl | None = None
+    events: EventTypes | None = None
+    description: str | None = Field(default=None, max_length=500)
+    enabled: bool | None = None
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    description: str
+    enabled: bool
+    disabled_reason: str | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, endpoint: WebhookEndpoint) -> WebhookOut:
+        return cls(
+            id=endpoint.id,
+            url=endpoint.url,
+            events=list(endpoint.event_types),
+            description=endpoint.description,
+            enabled=endpoint.is_enabled,
+            disabled_reason=endpoint.disabled_reason,
+            created_at=format_time(endpoint.created_at),
+            updated_at=format_time(endpoint.updated_at),
+        )
+
+
+class WebhookSecretOut(WebhookOut):
+    """An endpoint with its new signing secret: at creation and rotation only."""
+
+    secret: str
+
+
+class AttemptOut(BaseModel):
+    """One entry of `GET /v1/webhooks/{id}/deliveries`, or the result of a test send."""
+
+    event_id: str | None
+    event_type: str
+    attempt: int
+    status_code: int | None
+    success: bool
+    latency_ms: int
+    error: str | None
+    created_at: str
+
+    @classmethod
+    def of(cls, attempt: WebhookAttempt) -> AttemptOut:
+        return cls(
+            event_id=attempt.event_id,
+            event_type=attempt.event_type,
+            attempt=attempt.attempt,
+            status_code=attempt.status_code,
+            success=AttemptResult(attempt.status_code, attempt.latency).is_success,
+            latency_ms=round(attempt.latency * 1000),
+            error=attempt.error,
+            created_at=format_time(attempt.created_at),
+        )
+
+
+class ReplayRequest(BaseModel):
+    """`POST /v1/webhooks/{id}/replay`: the events from one event id, or from a time, on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str | None = None
+    since: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ReplayRequest:
+        if (self.event_id is None) == (self.since is None):
+            raise ValueError("give either event_id or since")
+        return self

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from config import Settings
-from store import Spool
+from store import AttemptResult, Spool, UrlRefusal, WebhookEndpoint
 
 
 class ReadinessProbe(Protocol):
@@ -19,8 +19,17 @@ class ReadinessProbe(Protocol):
     def is_stopping(self) -> bool: ...
 
 
+class WebhookGateway(Protocol):
+    """What the webhook routes need from the dispatcher; the service provides it."""
+
+    async def check_url(self, url: str) -> UrlRefusal | None: ...
+
+    async def send_test(self, endpoint: WebhookEndpoint) -> AttemptResult: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AppState:
     spool: Spool
     settings: Settings
     readiness: ReadinessProbe
+    webhooks: WebhookGateway | None = None  # None: the webhook routes answer 503

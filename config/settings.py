@@ -192,6 +192,45 @@ class StorageSettings(Section):
     busy_timeout: Duration = 10.0
 
 
+class WebhookSettings(Section):
+    # Webhook URLs resolving to loopback, link-local or private addresses are refused unless
+    # this is on (sidecar setups where the app lives on the same host or LAN).
+    allow_private_networks: bool = False
+    # Waits after each failed attempt (the first attempt is immediate); after the last, give up.
+    retry_schedule: list[Duration] = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    retry_jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+    timeout: Duration = 10.0
+    max_concurrency: int = Field(default=50, ge=1)
+    max_concurrency_per_endpoint: int = Field(default=4, ge=1)
+    claim_batch: int = Field(default=100, ge=1)
+    lease: Duration = 60.0
+    poll_interval: Duration = 1.0
+    secret_rotation_overlap: Duration = 86400.0
+    replay_limit: int = Field(default=10_000, ge=1)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _non_empty(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one step")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_covers_attempt(self) -> WebhookSettings:
+        if self.lease <= self.timeout:
+            raise ValueError(
+                f"lease ({self.lease:g}s) must exceed timeout ({self.timeout:g}s)"
+            )
+        return self
+
+
+class EventSettings(Section):
+    # How often the event stream looks for new events when no commit wakes it.
+    stream_poll_interval: Duration = 1.0
+    # A comment line keeps idle streams open through proxies.
+    stream_keepalive: Duration = 15.0
+
+
 class Settings(BaseSettings):
     """Every setting, by section; `config_path` is where the file was (or would be) read."""
 
@@ -199,7 +238,7 @@ class Settings(BaseSettings):
         env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
     sections: ClassVar[tuple[str, ...]] = (
-        "server", "smtp", "api", "delivery", "storage",
+        "server", "smtp", "api", "delivery", "storage", "webhooks", "events",
     )
 
     server: ServerSettings = ServerSettings()
@@ -207,6 +246,8 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     delivery: DeliverySettings = DeliverySettings()
     storage: StorageSettings = StorageSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    events: EventSettings = EventSettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

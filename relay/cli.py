@@ -9,6 +9,7 @@ traceback. Work is done through the Spool and the Service, never with SQL here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -20,11 +21,29 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from pydantic import ValidationError
 
-from api.models import MessageOut
+from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
 from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
+from relay.egress import Egress
+from relay.egress import build_resolver as build_webhook_resolver
 from relay.service import Service, tls_paths
-from store import NotFound, RecipientStatus, Scope, Spool, StoreError, format_time, migrate
+from relay.webhooks import WebhookDispatcher
+from store import (
+    AttemptResult,
+    Event,
+    EventFilter,
+    EventType,
+    NewWebhook,
+    NotFound,
+    RecipientStatus,
+    Scope,
+    Spool,
+    StoreError,
+    UrlRefusal,
+    format_time,
+    migrate,
+)
 
 T = TypeVar("T")
 
@@ -184,6 +203,9 @@ def configure_logging(level: str) -> None:
     # aiosmtpd logs every command at INFO and DATA lines (bodies) and AUTH continuations at
     # DEBUG: never let it below WARNING, whatever the root level (STYLE.md gotcha 10).
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO; webhook URLs may carry credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -322,3 +344,181 @@ def db_migrate(ctx: click.Context) -> None:
 
 def main() -> None:
     cli(obj={})
+
+
+# -- webhooks -----------------------------------------------------------------------------------
+
+
+def _egress(settings: Settings) -> Egress:
+    return Egress(build_webhook_resolver(settings), settings.webhooks.allow_private_networks)
+
+
+@cli.group()
+def webhooks() -> None:
+    """Manage webhook endpoints."""
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option(
+    "--events", "event_types", default="*", show_default=True,
+    help="Comma-separated event types, or * for all.",
+)
+@click.option("--description", default="", help="What the endpoint is for.")
+@click.option("--disabled", is_flag=True, help="Create it disabled.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def webhooks_add(
+    ctx: click.Context, url: str, event_types: str, description: str, disabled: bool,
+    as_json: bool,
+) -> None:
+    """Add an endpoint; its signing secret is shown once."""
+    settings = settings_of(ctx)
+    try:
+        wanted = WebhookCreate(
+            url=url, events=[t.strip() for t in event_types.split(",") if t.strip()],
+            description=description, enabled=not disabled,
+        )
+    except ValidationError as exc:
+        fail("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()))
+
+    async def work(spool: Spool) -> NewWebhook | UrlRefusal:
+        target = await _egress(settings).target(wanted.url)
+        if isinstance(target, UrlRefusal):
+            return target
+        return await spool.create_webhook(
+            wanted.url, tuple(wanted.events), wanted.description, wanted.enabled
+        )
+
+    new = with_spool(settings, work)
+    if isinstance(new, UrlRefusal):
+        fail(f"{new.slug}: {new.message}")
+    data = {**WebhookOut.of(new.endpoint).model_dump(), "secret": new.secret}
+    emit(
+        data,
+        as_json,
+        lambda: click.echo(
+            f"id:     {data['id']}\nurl:    {data['url']}\nevents: {','.join(data['events'])}\n"
+            f"secret: {new.secret}\nThe secret is shown only now: store it safely."
+        ),
+    )
+
+
+@webhooks.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def webhooks_list(ctx: click.Context, as_json: bool) -> None:
+    """List endpoints (never their secrets)."""
+    settings = settings_of(ctx)
+    found = with_spool(settings, lambda spool: spool.list_webhooks())
+    data = [WebhookOut.of(e).model_dump() for e in found]
+
+    def human() -> None:
+        for row in data:
+            state = "enabled" if row["enabled"] else f"disabled {row['disabled_reason'] or ''}"
+            click.echo(f"{row['id']}  {row['url']}  {','.join(row['events'])}  {state.strip()}")
+
+    emit(data, as_json, human)
+
+
+@webhooks.command("remove")
+@click.argument("webhook_id")
+@click.pass_context
+def webhooks_remove(ctx: click.Context, webhook_id: str) -> None:
+    """Remove an endpoint with its pending deliveries and attempt log."""
+    settings = settings_of(ctx)
+    with_spool(settings, lambda spool: spool.delete_webhook(webhook_id))
+    click.echo(f"removed {webhook_id}")
+
+
+@webhooks.command("test")
+@click.argument("webhook_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def webhooks_test(ctx: click.Context, webhook_id: str, as_json: bool) -> None:
+    """Send a signed `webhook.test` event now and show the answer (exit 1 unless 2xx)."""
+    settings = settings_of(ctx)
+
+    async def work(spool: Spool) -> AttemptResult:
+        endpoint = await spool.get_webhook(webhook_id)
+        dispatcher = WebhookDispatcher(spool, settings, _egress(settings))
+        try:
+            return await dispatcher.send_test(endpoint)
+        finally:
+            await dispatcher.stop(0)
+
+    result = with_spool(settings, work)
+    data = {
+        "status_code": result.status_code,
+        "success": result.is_success,
+        "latency_ms": round(result.latency * 1000),
+        "error": result.error,
+    }
+    emit(
+        data,
+        as_json,
+        lambda: click.echo(
+            f"{webhook_id}: {result.status_code or 'no response'} in {data['latency_ms']} ms"
+            + (f" ({result.error})" if result.error else "")
+        ),
+    )
+    if not result.is_success:
+        sys.exit(1)
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def events() -> None:
+    """Read the event log."""
+
+
+@events.command("tail")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--type", "kind", type=click.Choice([e.value for e in EventType]))
+@click.option("--message", "message_id", help="Only this message's events.")
+@click.option("--recipient", help="Only this recipient's events.")
+@click.option("-n", "--lines", type=click.IntRange(0, 1000), default=20, show_default=True,
+              help="How many of the latest events to show first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def events_tail(
+    ctx: click.Context, follow: bool, kind: str | None, message_id: str | None,
+    recipient: str | None, lines: int, as_json: bool,
+) -> None:
+    """Show the latest events, oldest first; with --follow, keep showing new ones."""
+    settings = settings_of(ctx)
+    where = EventFilter(
+        type=EventType(kind) if kind else None, message_id=message_id, recipient=recipient
+    )
+
+    def show(event: Event) -> None:
+        item = EventItemOut.of(event).model_dump(mode="json")
+        if as_json:
+            click.echo(json.dumps(item))
+            return
+        reply = item["data"].get("reply")
+        said = f" {reply['code']} {reply.get('enhanced') or ''} {reply['text']}" if reply else ""
+        click.echo(
+            f"{item['created_at']} {item['id']} {item['type']:<16} {item['message_id'] or '-'}"
+            f" to=<{item['recipient'] or ''}>{said}"
+        )
+
+    async def work(spool: Spool) -> None:
+        # Ids are dense (AUTOINCREMENT, gaps only for rolled-back writes): start `lines` back.
+        cursor = max(0, await spool.last_event_id() - lines)
+        while True:
+            page = await spool.list_events(where, cursor, 100)
+            for event in page:
+                show(event)
+                cursor = event.id
+            sys.stdout.flush()
+            if len(page) == 100:
+                continue
+            if not follow:
+                return
+            await asyncio.sleep(settings.events.stream_poll_interval)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        with_spool(settings, work)

@@ -1,10 +1,11 @@
 """The service: everything Postroom runs, in one process and one asyncio loop.
 
 Owns start-up (the spool, the SMTP listeners made with `loop.create_server`, uvicorn serving the
-API without its own signal handling, the delivery engine), supervision (every long-lived task is
-named and watched; one dying stops the service loudly), signals, readiness, and the shutdown
-order: stop taking new work → let in-flight attempts finish within `server.shutdown_timeout` →
-release the remaining leases → close the spool's writer last.
+API without its own signal handling, the delivery engine, the webhook dispatcher), supervision
+(every long-lived task is named and watched; one dying stops the service loudly), signals,
+readiness, and the shutdown
+order: stop taking new work → let in-flight attempts and webhook requests finish within
+`server.shutdown_timeout` → release the remaining leases → close the spool's writer last.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import uvicorn
 
 from api import create_app
 from config import Settings, parse_address
+from relay import egress
 from relay.delivery import DeliveryEngine
 from relay.mx import MxResolver, build_resolver
 from relay.submission import protocol_factory
+from relay.webhooks import WebhookDispatcher
 from store import Spool
 
 logger = logging.getLogger(__name__)
@@ -78,6 +81,13 @@ class Service:
         tasks: dict[str, asyncio.Task[None]] = {}
         api_server: _Server | None = None
         engine: DeliveryEngine | None = None
+        dispatcher = WebhookDispatcher(
+            spool,
+            settings,
+            egress.Egress(
+                egress.build_resolver(settings), settings.webhooks.allow_private_networks
+            ),
+        )
         try:
             tls = load_tls_context(settings)
             factory = protocol_factory(spool, settings, tls)
@@ -87,7 +97,7 @@ class Service:
                 smtp_servers.append(server)
                 self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
 
-            app = create_app(spool, settings, self.readiness)
+            app = create_app(spool, settings, self.readiness, gateway=dispatcher)
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(
                 app, host=api_host, port=api_port, lifespan="off", access_log=False,
@@ -108,6 +118,10 @@ class Service:
                                recovered)
             engine = DeliveryEngine(spool, settings, MxResolver(build_resolver(settings)))
             tasks["delivery"] = asyncio.create_task(engine.run(), name="delivery")
+            if recovered := await spool.recover_webhook_leases():
+                logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",
+                               recovered)
+            tasks["webhooks"] = asyncio.create_task(dispatcher.run(), name="webhooks")
 
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -129,7 +143,7 @@ class Service:
                     logger.critical("task %s stopped unexpectedly: %r", name, exc)
                     raise RuntimeError(f"task {name} stopped unexpectedly") from exc
         finally:
-            await self._shutdown(spool, smtp_servers, api_server, engine, tasks)
+            await self._shutdown(spool, smtp_servers, api_server, engine, dispatcher, tasks)
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -140,6 +154,7 @@ class Service:
         smtp_servers: list[asyncio.Server],
         api_server: _Server | None,
         engine: DeliveryEngine | None,
+        dispatcher: WebhookDispatcher,
         tasks: dict[str, asyncio.Task[None]],
     ) -> None:
         logger.info("postroom stopping")
@@ -151,6 +166,7 @@ class Service:
             api_server.should_exit = True
         if engine is not None:
             await engine.stop(timeout)
+        await dispatcher.stop(timeout)
         for server in smtp_servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout)

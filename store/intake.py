@@ -8,7 +8,6 @@ recipient — all in one writer job, so the caller's `250`/`202` follows the com
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import time
@@ -17,8 +16,16 @@ from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 
 from store.errors import PolicyRejected
+from store.events import append_events
 from store.ids import new_id
-from store.records import Accepted, EventType, MessageStatus, RecipientStatus, Submission
+from store.records import (
+    Accepted,
+    EventType,
+    MessageStatus,
+    NewEvent,
+    RecipientStatus,
+    Submission,
+)
 from store.sql import Q
 from store.writer import Writer
 
@@ -142,17 +149,17 @@ class _AcceptJob:
                 for email, domain in self.units
             ],
         )
-        conn.executemany(
-            Q["insert_event"],
-            [
-                {
-                    "now": now,
-                    "type": EventType.EMAIL_QUEUED.value,
-                    "message_seq": seq,
-                    "recipient": email,
-                    "data": json.dumps({"message_id": self.id, "recipient": email}),
-                }
+        append_events(
+            conn,
+            (
+                NewEvent(
+                    type=EventType.EMAIL_QUEUED,
+                    message_seq=seq,
+                    recipient=email,
+                    data={"message_id": self.id, "recipient": email},
+                )
                 for email, _ in self.units
-            ],
+            ),
+            now,
         )
         return Accepted(id=self.id, created_at=now, status=MessageStatus.QUEUED)

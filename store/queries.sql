@@ -96,3 +96,145 @@ UPDATE recipients
 SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
     due_at = :now, updated_at = :now
 WHERE id = :id AND status = 'sending';
+
+-- ==== events and webhooks ====
+-- Event reads: one query per driving index, so each filter of GET /v1/events is served by an
+-- index and pages in id order. Message tags and metadata: select them from `m` here once
+-- messages carry them (and add them to `Event`).
+
+-- name: events_after
+SELECT e.id, e.created_at, e.type, e.message_seq, e.recipient, e.data, m.id AS message_id
+FROM events e LEFT JOIN messages m ON m.seq = e.message_seq
+WHERE e.id > :after
+ORDER BY e.id LIMIT :limit;
+
+-- name: events_by_type
+SELECT e.id, e.created_at, e.type, e.message_seq, e.recipient, e.data, m.id AS message_id
+FROM events e LEFT JOIN messages m ON m.seq = e.message_seq
+WHERE e.type = :type AND e.id > :after
+  AND (:recipient IS NULL OR e.recipient = :recipient COLLATE NOCASE)
+ORDER BY e.id LIMIT :limit;
+
+-- name: events_by_recipient
+SELECT e.id, e.created_at, e.type, e.message_seq, e.recipient, e.data, m.id AS message_id
+FROM events e LEFT JOIN messages m ON m.seq = e.message_seq
+WHERE e.recipient = :recipient COLLATE NOCASE AND e.id > :after
+  AND (:type IS NULL OR e.type = :type)
+ORDER BY e.id LIMIT :limit;
+
+-- name: events_by_message
+SELECT e.id, e.created_at, e.type, e.message_seq, e.recipient, e.data, m.id AS message_id
+FROM events e LEFT JOIN messages m ON m.seq = e.message_seq
+WHERE e.message_seq = :message_seq AND e.id > :after
+  AND (:type IS NULL OR e.type = :type)
+  AND (:recipient IS NULL OR e.recipient = :recipient COLLATE NOCASE)
+ORDER BY e.id LIMIT :limit;
+
+-- name: events_by_ids
+SELECT e.id, e.created_at, e.type, e.message_seq, e.recipient, e.data, m.id AS message_id
+FROM events e LEFT JOIN messages m ON m.seq = e.message_seq
+WHERE e.id IN (SELECT value FROM json_each(:ids));
+
+-- name: message_seq_by_id
+SELECT seq FROM messages WHERE id = :id;
+
+-- name: last_event_id
+SELECT coalesce(max(id), 0) FROM events;
+
+-- name: insert_outbox_for_event
+-- Only store/events.py runs this, right after insert_event, in the same transaction.
+INSERT INTO webhook_outbox (endpoint_seq, event_id, status, due_at, created_at, updated_at)
+SELECT seq, :event_id, 'pending', :now, :now, :now FROM webhook_endpoints
+WHERE enabled = 1 AND EXISTS (SELECT 1 FROM json_each(event_types) WHERE value IN ('*', :type));
+
+-- name: insert_webhook
+INSERT INTO webhook_endpoints (id, url, event_types, description, enabled, secret, created_at,
+                               updated_at)
+VALUES (:id, :url, :event_types, :description, :enabled, :secret, :now, :now);
+
+-- name: list_webhooks
+SELECT * FROM webhook_endpoints ORDER BY seq;
+
+-- name: webhook_by_id
+SELECT * FROM webhook_endpoints WHERE id = :id;
+
+-- name: webhooks_by_seqs
+SELECT * FROM webhook_endpoints WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: update_webhook
+UPDATE webhook_endpoints
+SET url = :url, event_types = :event_types, description = :description, enabled = :enabled,
+    disabled_reason = :disabled_reason, updated_at = :now
+WHERE seq = :seq;
+
+-- name: rotate_webhook_secret
+UPDATE webhook_endpoints
+SET previous_secret = secret, previous_until = :previous_until, secret = :secret, updated_at = :now
+WHERE seq = :seq;
+
+-- name: delete_webhook
+DELETE FROM webhook_endpoints WHERE seq = :seq;
+
+-- name: pause_outbox_of_endpoint
+UPDATE webhook_outbox SET due_at = NULL, updated_at = :now
+WHERE endpoint_seq = :seq AND status = 'pending';
+
+-- name: resume_outbox_of_endpoint
+UPDATE webhook_outbox SET due_at = :now, updated_at = :now
+WHERE endpoint_seq = :seq AND status = 'pending';
+
+-- name: has_due_webhooks
+SELECT 1 FROM webhook_outbox WHERE due_at <= :now LIMIT 1;
+
+-- name: due_webhook_endpoints
+-- Endpoints with due rows: one index probe per endpoint (few), never a walk over the backlog.
+SELECT seq FROM webhook_endpoints e
+WHERE EXISTS (SELECT 1 FROM webhook_outbox o WHERE o.endpoint_seq = e.seq AND o.due_at <= :now)
+LIMIT :limit;
+
+-- name: claim_webhook_endpoint
+-- Lease up to :limit due rows of one endpoint, oldest due first (see claim_destination).
+UPDATE webhook_outbox
+SET status = 'sending', due_at = :lease_until, updated_at = :now
+WHERE id IN (
+    SELECT id FROM webhook_outbox
+    WHERE endpoint_seq = :endpoint_seq AND due_at <= :now
+    ORDER BY due_at, id
+    LIMIT :limit
+)
+RETURNING id, endpoint_seq, event_id, attempts;
+
+-- name: record_webhook_outcome
+UPDATE webhook_outbox
+SET status = :status, attempts = attempts + 1, due_at = :due_at, updated_at = :now
+WHERE id = :id AND status = 'sending';
+
+-- name: insert_webhook_attempt
+INSERT INTO webhook_attempts (endpoint_seq, event_id, event_type, attempt, status_code, latency,
+                              error, created_at)
+VALUES (:endpoint_seq, :event_id, :event_type, :attempt, :status_code, :latency, :error, :now);
+
+-- name: disable_webhook
+UPDATE webhook_endpoints SET enabled = 0, disabled_reason = :reason, updated_at = :now
+WHERE seq = :seq;
+
+-- name: release_all_webhook_leases
+UPDATE webhook_outbox SET status = 'pending', due_at = :now, updated_at = :now
+WHERE status = 'sending';
+
+-- name: release_webhook_lease
+UPDATE webhook_outbox SET status = 'pending', due_at = :now, updated_at = :now
+WHERE id = :id AND status = 'sending';
+
+-- name: webhook_attempts_of_endpoint
+SELECT id, event_id, event_type, attempt, status_code, latency, error, created_at
+FROM webhook_attempts WHERE endpoint_seq = :seq AND id < :before
+ORDER BY id DESC LIMIT :limit;
+
+-- name: replay_webhook
+-- Queue again, for one endpoint, the events it subscribes to from an id or a time on.
+INSERT INTO webhook_outbox (endpoint_seq, event_id, status, due_at, created_at, updated_at)
+SELECT :seq, e.id, 'pending', :due_at, :now, :now FROM events e
+WHERE e.id >= :from_id AND e.created_at >= :since
+  AND EXISTS (SELECT 1 FROM json_each(:event_types) WHERE value IN ('*', e.type))
+ORDER BY e.id LIMIT :limit;

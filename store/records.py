@@ -218,6 +218,7 @@ class Event:
     message_seq: int | None
     recipient: str | None
     data: Mapping[str, object]
+    message_id: str | None = None  # the message's public id, where the query joined it
 
     @property
     def public_id(self) -> str:
@@ -232,6 +233,7 @@ class Event:
             message_seq=row["message_seq"],
             recipient=row["recipient"],
             data=json.loads(row["data"]),
+            message_id=row["message_id"] if "message_id" in row.keys() else None,
         )
 
 
@@ -243,6 +245,17 @@ def format_time(ts: float) -> str:
 def format_event_id(seq: int) -> str:
     """`evt_` and the event's sequence number, fixed width so the ids sort like the events."""
     return f"evt_{seq:016x}"
+
+
+def parse_event_id(public_id: str) -> int | None:
+    """The sequence number behind an `evt_` id, or None when it is not one."""
+    body = public_id.removeprefix("evt_")
+    if len(body) != 16 or body == public_id:
+        return None
+    try:
+        return int(body, 16)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,3 +319,158 @@ class Outcome:
     reply: Reply | None
     due_at: float | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+# -- events and webhooks ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be written (through `store.events.append_events`, never by hand)."""
+
+    type: EventType
+    message_seq: int | None
+    recipient: str | None
+    data: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """What `GET /v1/events` and the stream select: all given conditions hold."""
+
+    type: EventType | None = None
+    message_id: str | None = None
+    recipient: str | None = None
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"  # an attempt holds the row's lease
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retries exhausted
+
+
+ALL_EVENTS = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    """A webhook endpoint. `secrets` are the ones that sign now, newest first; never shown."""
+
+    seq: int
+    id: str
+    url: str
+    event_types: tuple[str, ...]  # event type values, or ("*",)
+    description: str
+    is_enabled: bool
+    disabled_reason: str | None
+    created_at: float
+    updated_at: float
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    def wants(self, event_type: str) -> bool:
+        return ALL_EVENTS in self.event_types or event_type in self.event_types
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row, now: float) -> WebhookEndpoint:
+        secrets = [row["secret"]]
+        if row["previous_secret"] and (row["previous_until"] or 0) > now:
+            secrets.append(row["previous_secret"])
+        return cls(
+            seq=row["seq"],
+            id=row["id"],
+            url=row["url"],
+            event_types=tuple(json.loads(row["event_types"])),
+            description=row["description"],
+            is_enabled=bool(row["enabled"]),
+            disabled_reason=row["disabled_reason"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            secrets=tuple(secrets),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewWebhook:
+    """An endpoint just created or rotated: the only time its new secret is shown."""
+
+    endpoint: WebhookEndpoint
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookChange:
+    """A PATCH of an endpoint: None leaves a field as it is."""
+
+    url: str | None = None
+    event_types: tuple[str, ...] | None = None
+    description: str | None = None
+    is_enabled: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One claimed outbox row: an event to POST to an endpoint."""
+
+    outbox_id: int
+    attempts: int  # attempts made before this one
+    endpoint: WebhookEndpoint
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one POST to an endpoint came to: a status code, or an error without a response."""
+
+    status_code: int | None
+    latency: float  # seconds
+    error: str | None = None
+
+    @property
+    def is_success(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    """How the outbox row goes on after an attempt, as the dispatcher decided it."""
+
+    status: OutboxStatus
+    due_at: float | None = None
+    disable_reason: str | None = None  # set: disable the endpoint (410 Gone)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One entry of an endpoint's attempt log."""
+
+    id: int
+    event_id: str | None
+    event_type: str
+    attempt: int
+    status_code: int | None
+    latency: float
+    error: str | None
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> WebhookAttempt:
+        event = row["event_id"]
+        return cls(
+            id=row["id"],
+            event_id=None if event is None else format_event_id(event),
+            event_type=row["event_type"],
+            attempt=row["attempt"],
+            status_code=row["status_code"],
+            latency=row["latency"],
+            error=row["error"],
+            created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UrlRefusal:
+    """Why a webhook URL may not be used (scheme, private address, unresolvable name)."""
+
+    slug: str
+    message: str

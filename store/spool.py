@@ -15,32 +15,42 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiosqlite
 
 from config import Settings
-from store import intake
+from store import intake, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import NotFound, SpoolClosed
+from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
 from store.records import (
     Accepted,
     ApiKey,
+    AttemptResult,
     DeliveryJob,
     Event,
+    EventFilter,
     EventType,
     Message,
+    NewEvent,
     NewKey,
+    NewWebhook,
     Outcome,
     Principal,
     Recipient,
     RecipientStatus,
     Scope,
     Submission,
+    WebhookAttempt,
+    WebhookChange,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookOutcome,
 )
 from store.sql import Q
 from store.writer import Writer
@@ -86,6 +96,7 @@ class Spool:
         self._rotation = 0
         #: Set after every commit that makes delivery work due; the engine waits on it.
         self.work_available = asyncio.Event()
+        self._events_appended = asyncio.Event()
 
     @classmethod
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:
@@ -196,6 +207,7 @@ class Spool:
         """Store a message durably; returns after COMMIT, so the caller may acknowledge it."""
         accepted = await intake.accept(self._writer, submission, self._limits)
         self.work_available.set()
+        self.notify_events()
         return accepted
 
     # -- reading messages -------------------------------------------------------------------
@@ -310,18 +322,21 @@ class Spool:
                         "code": reply.code, "enhanced": reply.enhanced, "text": reply.text
                     }
                 data.update(outcome.data)
-                conn.execute(
-                    Q["insert_event"],
-                    {
-                        "now": now,
-                        "type": _OUTCOME_EVENTS[outcome.status].value,
-                        "message_seq": job.message_seq,
-                        "recipient": rcpt.email,
-                        "data": json.dumps(data),
-                    },
+                append_events(
+                    conn,
+                    [
+                        NewEvent(
+                            type=_OUTCOME_EVENTS[outcome.status],
+                            message_seq=job.message_seq,
+                            recipient=rcpt.email,
+                            data=data,
+                        )
+                    ],
+                    now,
                 )
 
         await self._writer.run(write)
+        self.notify_events()
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
             self.work_available.set()
 
@@ -352,6 +367,136 @@ class Spool:
             conn.executemany(Q["release_lease"], [{"id": i, "now": now} for i in ids])
 
         await self._writer.run(job)
+
+    # -- events and webhooks ----------------------------------------------------------------
+
+    def notify_events(self) -> None:
+        """Wake everyone waiting for new events (after a commit that appended some)."""
+        woken, self._events_appended = self._events_appended, asyncio.Event()
+        woken.set()
+
+    async def wait_for_events(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until events are appended or `timeout` passes; True when woken by events."""
+        try:
+            await asyncio.wait_for(self._events_appended.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def list_events(
+        self, where: EventFilter, after: int = 0, limit: int = 100
+    ) -> list[Event]:
+        """Events with a sequence number above `after`, oldest first (one short read)."""
+        async with self._read() as conn:
+            return await list_events(conn, where, after, limit)
+
+    async def last_event_id(self) -> int:
+        async with self._read() as conn:
+            return await last_event_id(conn)
+
+    async def create_webhook(
+        self, url: str, event_types: tuple[str, ...], description: str = "", enabled: bool = True
+    ) -> NewWebhook:
+        """Create an endpoint; its signing secret is returned only now."""
+        return await self._writer.run(
+            lambda conn: webhooks.create_job(
+                conn, url, event_types, description, enabled, time.time()
+            )
+        )
+
+    async def list_webhooks(self) -> list[WebhookEndpoint]:
+        async with self._read() as conn:
+            return await webhooks.list_endpoints(conn, time.time())
+
+    async def get_webhook(self, endpoint_id: str) -> WebhookEndpoint:
+        async with self._read() as conn:
+            return await webhooks.get_endpoint(conn, endpoint_id, time.time())
+
+    async def update_webhook(self, endpoint_id: str, change: WebhookChange) -> WebhookEndpoint:
+        endpoint = await self._writer.run(
+            lambda conn: webhooks.update_job(conn, endpoint_id, change, time.time())
+        )
+        self.notify_events()  # re-enabled: its waiting rows are due now
+        return endpoint
+
+    async def rotate_webhook_secret(self, endpoint_id: str) -> NewWebhook:
+        overlap = self._settings.webhooks.secret_rotation_overlap
+        return await self._writer.run(
+            lambda conn: webhooks.rotate_job(conn, endpoint_id, overlap, time.time())
+        )
+
+    async def delete_webhook(self, endpoint_id: str) -> None:
+        await self._writer.run(lambda conn: webhooks.delete_job(conn, endpoint_id, time.time()))
+
+    async def has_due_webhooks(self, now: float | None = None) -> bool:
+        """Whether any outbox row is due (a cheap read before claiming through the writer)."""
+        at = time.time() if now is None else now
+        async with self._read() as conn, conn.execute(Q["has_due_webhooks"], {"now": at}) as cur:
+            return await cur.fetchone() is not None
+
+    async def claim_webhook_deliveries(
+        self, max_rows: int, per_endpoint: int, busy: Mapping[int, int], lease: float
+    ) -> list[WebhookDelivery]:
+        """Lease due outbox rows, round-robin over endpoints (see `webhooks.claim_job`)."""
+        start = self._rotation
+        self._rotation += 1
+        return await self._writer.run(
+            lambda conn: webhooks.claim_job(
+                conn, max_rows, per_endpoint, busy, lease, time.time(), start
+            )
+        )
+
+    async def record_webhook_attempt(
+        self, delivery: WebhookDelivery, result: AttemptResult, outcome: WebhookOutcome
+    ) -> None:
+        await self._writer.run(
+            lambda conn: webhooks.record_job(conn, delivery, result, outcome, time.time())
+        )
+
+    async def record_webhook_test(self, endpoint: WebhookEndpoint, result: AttemptResult) -> None:
+        await self._writer.run(
+            lambda conn: webhooks.log_attempt(conn, endpoint.seq, None, 1, result, time.time())
+        )
+
+    async def recover_webhook_leases(self) -> int:
+        """Outbox rows a crashed run left in flight are due now (the owner, at start-up)."""
+        return await self._writer.run(
+            lambda conn: conn.execute(
+                Q["release_all_webhook_leases"], {"now": time.time()}
+            ).rowcount
+        )
+
+    async def release_webhook_deliveries(self, outbox_ids: Iterable[int]) -> None:
+        ids = list(outbox_ids)
+        if not ids:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(Q["release_webhook_lease"], [{"id": i, "now": now} for i in ids])
+
+        await self._writer.run(job)
+
+    async def list_webhook_attempts(
+        self, endpoint_id: str, before: int | None = None, limit: int = 50
+    ) -> list[WebhookAttempt]:
+        """An endpoint's attempt log, newest first."""
+        async with self._read() as conn:
+            endpoint = await webhooks.get_endpoint(conn, endpoint_id, time.time())
+            return await webhooks.list_attempts(conn, endpoint.seq, before or 2**62, limit)
+
+    async def replay_webhook(
+        self, endpoint_id: str, from_event: int = 0, since: float = 0.0
+    ) -> int:
+        """Queue the endpoint's events from an event or a time on again; return how many."""
+        limit = self._settings.webhooks.replay_limit
+        count = await self._writer.run(
+            lambda conn: webhooks.replay_job(
+                conn, endpoint_id, from_event, since, limit, time.time()
+            )
+        )
+        self.notify_events()
+        return count
 
 
 def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:

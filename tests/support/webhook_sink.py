@@ -30,9 +30,10 @@ class WebhookRequest:
 class WebhookSink:
     """HTTP server on 127.0.0.1:<ephemeral>; answers scripted statuses, then `default_status`."""
 
-    def __init__(self, default_status: int = 200) -> None:
+    def __init__(self, default_status: int = 200, port: int = 0) -> None:
         self.default_status = default_status
-        self.port = 0
+        self.port = port  # 0: ephemeral; a restarted sink binds the port it had again
+        self.location: str | None = None  # sent as Location with 3xx answers
         self.requests: list[WebhookRequest] = []
         self._statuses: deque[int] = deque()
         self._changed = asyncio.Condition()
@@ -48,7 +49,7 @@ class WebhookSink:
         self._statuses.extend(statuses)
 
     async def start(self) -> WebhookSink:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -97,8 +98,13 @@ class WebhookSink:
                     self._changed.notify_all()
                 body = HTTPStatus(status).phrase.encode()
                 close = request.headers.get("connection", "").lower() == "close"
+                location = (
+                    f"Location: {self.location}\r\n"
+                    if self.location and 300 <= status < 400
+                    else ""
+                )
                 writer.write(
-                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{location}"
                     f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
                     f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
                     + body
