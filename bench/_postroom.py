@@ -11,6 +11,7 @@ Not a benchmark itself; imported by `accept_http.py` and `accept_smtp.py`.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import math
@@ -24,11 +25,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 CONFIG = """\
 [server]
@@ -84,9 +85,7 @@ class PrivatePostroom:
     smtp_port: int = 0
     api_url: str = ""
     log_levels: collections.Counter[str] = field(default_factory=collections.Counter)
-    log_tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=50)
-    )
+    log_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
     first_problem: str | None = None
     exit_code: int | None = None
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
@@ -122,7 +121,11 @@ class PrivatePostroom:
     def _cli(self, *args: str) -> str:
         done = subprocess.run(
             [*postroom_command(), "--config", str(self.config_path), *args],
-            capture_output=True, text=True, timeout=120, env=_child_env(), check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_child_env(),
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(
@@ -137,13 +140,23 @@ class PrivatePostroom:
         self.key = json.loads(self._cli("keys", "create", "--name", "bench", "--json"))["key"]
         self.proc = subprocess.Popen(
             [*postroom_command(), "--config", str(self.config_path), "serve"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, bufsize=1, env=_child_env(), cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=_child_env(),
+            cwd=self.workdir,
+            # Its own session: a Ctrl-C in the terminal reaches the benchmark only, which then
+            # finishes the messages in flight and stops Postroom itself, in that order.
+            start_new_session=True,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
             thread = threading.Thread(
-                target=self._drain, args=(stream, name == "stdout"), name=f"drain-{name}",
+                target=self._drain,
+                args=(stream, name == "stdout"),
+                name=f"drain-{name}",
                 daemon=True,
             )
             thread.start()
@@ -160,8 +173,7 @@ class PrivatePostroom:
             if line is None:
                 self.proc.wait(10)
                 raise RuntimeError(
-                    f"postroom serve exited {self.proc.returncode} during start-up:\n"
-                    + self.tail()
+                    f"postroom serve exited {self.proc.returncode} during start-up:\n" + self.tail()
                 )
             if m := _LISTENING.search(line):
                 self.smtp_host, self.smtp_port = split_host_port(m["smtp"].split(",")[0])
@@ -192,22 +204,33 @@ class PrivatePostroom:
     def stop(self) -> None:
         """SIGTERM our process, wait for it (SIGKILL after a grace period), remove the files."""
         proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
+        try:
+            if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"postroom (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT:g}s: "
-                      "killing it", file=sys.stderr)
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    print(
+                        f"postroom (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT:g}s: "
+                        "killing it",
+                        file=sys.stderr,
+                    )
+                    proc.kill()
+                    proc.wait(10)
+        except BaseException:
+            # Interrupted while waiting (a second Ctrl-C): abort, but leave nothing behind.
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        if proc is not None:
-            self.exit_code = proc.returncode
-            for thread in self._threads:
-                thread.join(5)
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+            raise
+        finally:
+            if proc is not None:
+                self.exit_code = proc.returncode
+                for thread in self._threads:
+                    thread.join(5)
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir = None
 
 
 # -- /proc --------------------------------------------------------------------------------------
@@ -234,6 +257,64 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     # After the ")" of comm: state is fields[0], so utime (field 14) is fields[11].
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+class WorkQueue:
+    """Message numbers 0..n-1 shared by the workers; once `stopped` is set it hands out no more."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.handed_out = 0
+        self.stopped = False
+
+    def __iter__(self) -> WorkQueue:
+        return self
+
+    def __next__(self) -> int:
+        if self.stopped or self.handed_out >= self.total:
+            raise StopIteration
+        self.handed_out += 1
+        return self.handed_out - 1
+
+
+async def run_workers(workers: Sequence[Coroutine[Any, Any, None]], work: WorkQueue) -> bool:
+    """Run the workers to the end; True if Ctrl-C or SIGTERM cut the run short.
+
+    The first signal stops handing out messages, so every worker ends after the one it is
+    sending; a second one also cancels them. (Cancellation alone was not enough: with asyncio's
+    own Ctrl-C handling the SMTP workers kept sending after two Ctrl-Cs, probably because
+    Python 3.11's `asyncio.wait_for`, which aiosmtplib awaits every reply with, can swallow a
+    cancellation that arrives together with the reply.)
+    """
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.ensure_future(worker) for worker in workers]
+
+    def interrupt() -> None:
+        if work.stopped:
+            for task in tasks:
+                task.cancel()
+            return
+        work.stopped = True
+        print(
+            "\ninterrupted: finishing the messages in flight (again to abort them)",
+            file=sys.stderr,
+        )
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result
+    return work.stopped
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -274,7 +355,10 @@ class ProcessWatch:
     client_cpu: float = 0.0
     peak_rss_kib: int | None = None
 
+    load_at_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
     def begin(self) -> None:
+        self.load_at_start = os.getloadavg()
         self.client_cpu_start = time.process_time()
         if self.server is not None:
             self.rss_at_start_kib = read_status_kib(self.server.pid, "VmRSS")
@@ -290,7 +374,11 @@ class ProcessWatch:
                 self.server_cpu = now - self.server_cpu_start
 
     def lines(self, wall: float) -> list[str]:
-        out = [f"benchmark client CPU: {self.client_cpu:.2f} s ({self.client_cpu / wall:.0%})"]
+        out = [
+            f"machine: {os.cpu_count()} CPUs, 1-min load average {self.load_at_start[0]:.2f} when "
+            f"the run began (other work on the machine skews every figure)",
+            f"benchmark client CPU: {self.client_cpu:.2f} s ({self.client_cpu / wall:.0%})",
+        ]
         if self.server is None:
             out.append("postroom peak RSS: n/a (not started by this benchmark)")
             return out

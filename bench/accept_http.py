@@ -63,22 +63,21 @@ async def run(
 ) -> int:
     text = _postroom.body_text(args.size)
     stamp = time.strftime("%H:%M:%S")
-    bodies = [
-        json.dumps(
-            {
-                "from": "bench@acme.test",
-                "to": "user@example.test",
-                "subject": f"bench {stamp} #{i}",
-                "text": text,
-            }
-        ).encode()
-        for i in range(args.messages)
-    ]
+
+    def body(i: int) -> bytes:
+        data = {
+            "from": "bench@acme.test",
+            "to": "user@example.test",
+            "subject": f"bench {stamp} #{i}",
+            "text": text,
+        }
+        return json.dumps(data).encode()
+
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     latencies: list[float] = []
     statuses: collections.Counter[str] = collections.Counter()
     first_error: list[str] = []
-    pending = iter(range(args.messages))
+    work = _postroom.WorkQueue(args.messages)
     workers = min(args.concurrency, args.messages)
 
     async with contextlib.AsyncExitStack() as stack:
@@ -90,7 +89,9 @@ async def run(
         clients = [
             await stack.enter_async_context(
                 httpx.AsyncClient(
-                    base_url=url, headers=headers, timeout=args.timeout,
+                    base_url=url,
+                    headers=headers,
+                    timeout=args.timeout,
                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                 )
             )
@@ -103,10 +104,11 @@ async def run(
             return 2
 
         async def worker(client: httpx.AsyncClient) -> None:
-            for i in pending:  # one shared iterator: each message is sent once
+            for i in work:  # shared: each message is sent once
+                content = body(i)  # made per message (memory stays flat at any -n), untimed
                 started = time.perf_counter()
                 try:
-                    response = await client.post("/v1/messages", content=bodies[i])
+                    response = await client.post("/v1/messages", content=content)
                 except httpx.HTTPError as exc:
                     statuses[type(exc).__name__] += 1
                     if not first_error:
@@ -122,27 +124,36 @@ async def run(
         watch = _postroom.ProcessWatch(server)
         watch.begin()
         started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for client in clients))
+        interrupted = await _postroom.run_workers([worker(c) for c in clients], work)
         wall = time.perf_counter() - started
         watch.end()
 
     accepted = len(latencies)
-    failed = args.messages - accepted
+    failed = work.handed_out - accepted
     print(
         f"accept_http: {args.messages} messages, concurrency {args.concurrency}, "
-        f"{len(bodies[0])} B request bodies ({len(text)} B text), API {url}"
+        f"{len(body(0))} B request bodies ({len(text)} B text), API {url}"
     )
-    print(f"accepted (202): {accepted}/{args.messages} in {wall:.3f} s = "
-          f"{accepted / wall:.1f} msgs/s")
-    print(f"non-202 answers: {failed}" + (
-        " (" + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()) if k != "202") + ")"
-        if failed else ""
-    ))
+    print(
+        f"accepted (202): {accepted}/{work.handed_out} in {wall:.3f} s = "
+        f"{accepted / wall:.1f} msgs/s"
+    )
+    print(
+        f"non-202 answers: {failed}"
+        + (
+            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()) if k != "202") + ")"
+            if failed
+            else ""
+        )
+    )
     if first_error:
         print(f"  first error: {first_error[0]}")
     print(_postroom.latency_line("request latency (202 only)", latencies))
     for line in watch.lines(wall) + _postroom.server_log_lines(server):
         print(line)
+    if interrupted:
+        print(f"INTERRUPTED after {work.handed_out} of {args.messages} messages")
+        return 130
     return 0 if failed == 0 else 1
 
 
@@ -151,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         return asyncio.run(run(args, args.url.rstrip("/"), args.key, None))
     with _postroom.PrivatePostroom() as server:
-        print(f"started a private postroom: pid {server.pid}, API {server.api_url}, "
-              f"SMTP {server.smtp_host}:{server.smtp_port}, dir {server.workdir}")
+        print(
+            f"started a private postroom: pid {server.pid}, API {server.api_url}, "
+            f"SMTP {server.smtp_host}:{server.smtp_port}, dir {server.workdir}"
+        )
         code = asyncio.run(run(args, server.api_url, server.key, server))
     print(f"postroom stopped (exit code {server.exit_code})")
     return code

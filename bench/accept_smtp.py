@@ -38,7 +38,7 @@ import collections
 import ssl
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import aiosmtplib
@@ -126,11 +126,14 @@ class Stats:
             self.first_failure = detail
 
 
-async def open_session(args: argparse.Namespace, host: str, port: int, key: str
-                       ) -> aiosmtplib.SMTP:
+async def open_session(args: argparse.Namespace, host: str, port: int, key: str) -> aiosmtplib.SMTP:
     smtp = aiosmtplib.SMTP(
-        hostname=host, port=port, local_hostname=CLIENT_NAME, timeout=args.timeout,
-        start_tls=False, validate_certs=False,
+        hostname=host,
+        port=port,
+        local_hostname=CLIENT_NAME,
+        timeout=args.timeout,
+        start_tls=False,
+        validate_certs=False,
     )
     await smtp.connect()
     try:
@@ -167,10 +170,16 @@ async def send_one(smtp: aiosmtplib.SMTP, message: bytes, stats: Stats, started:
 
 
 async def worker_new_connections(
-    args: argparse.Namespace, host: str, port: int, key: str,
-    pending: Iterator[int], messages: list[bytes], stats: Stats,
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    key: str,
+    work: Iterable[int],
+    messages: Callable[[int], bytes],
+    stats: Stats,
 ) -> None:
-    for i in pending:
+    for i in work:
+        message = messages(i)
         started = time.perf_counter()
         try:
             smtp = await open_session(args, host, port, key)
@@ -178,7 +187,7 @@ async def worker_new_connections(
             stats.fail("connect/EHLO/AUTH", exc)
             continue
         try:
-            await send_one(smtp, messages[i], stats, started)
+            await send_one(smtp, message, stats, started)
             await smtp.quit()
         except (aiosmtplib.SMTPException, OSError) as exc:
             stats.fail("session", exc)
@@ -187,17 +196,23 @@ async def worker_new_connections(
 
 
 async def worker_reuse(
-    args: argparse.Namespace, host: str, port: int, key: str,
-    pending: Iterator[int], messages: list[bytes], stats: Stats,
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    key: str,
+    work: Iterable[int],
+    messages: Callable[[int], bytes],
+    stats: Stats,
 ) -> None:
     smtp: aiosmtplib.SMTP | None = None
     try:
-        for i in pending:
+        for i in work:
+            message = messages(i)
             started = time.perf_counter()
             try:
                 if smtp is None or not smtp.is_connected:
                     smtp = await open_session(args, host, port, key)
-                await send_one(smtp, messages[i], stats, started)
+                await send_one(smtp, message, stats, started)
             except (aiosmtplib.SMTPException, OSError) as exc:
                 stats.fail("session", exc)
                 if smtp is not None:
@@ -213,14 +228,20 @@ async def worker_reuse(
 
 
 async def run(
-    args: argparse.Namespace, host: str, port: int, key: str,
+    args: argparse.Namespace,
+    host: str,
+    port: int,
+    key: str,
     server: _postroom.PrivatePostroom | None,
 ) -> int:
     body = _postroom.body_text(args.size, newline="\r\n")
     stamp = time.strftime("%H:%M:%S")
-    messages = [make_message(i, body, stamp) for i in range(args.messages)]
+
+    def messages(i: int) -> bytes:  # made per message: memory stays flat at any -n
+        return make_message(i, body, stamp)
+
     stats = Stats()
-    pending = iter(range(args.messages))  # shared: each message is sent once
+    work = _postroom.WorkQueue(args.messages)  # shared: each message is sent once
     worker = worker_reuse if args.reuse else worker_new_connections
 
     # One probe session first: fail fast (and outside the timing) if the server is not usable.
@@ -228,43 +249,59 @@ async def run(
         probe = await open_session(args, host, port, key)
         await probe.quit()
     except (aiosmtplib.SMTPException, OSError) as exc:
-        print(f"accept_smtp: cannot use SMTP {host}:{port}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"accept_smtp: cannot use SMTP {host}:{port}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 2
 
     watch = _postroom.ProcessWatch(server)
     watch.begin()
     started = time.perf_counter()
-    await asyncio.gather(*(
-        worker(args, host, port, key, pending, messages, stats)
-        for _ in range(min(args.concurrency, args.messages))
-    ))
+    interrupted = await _postroom.run_workers(
+        [
+            worker(args, host, port, key, work, messages, stats)
+            for _ in range(min(args.concurrency, args.messages))
+        ],
+        work,
+    )
     wall = time.perf_counter() - started
     watch.end()
 
     accepted = len(stats.data_latency)
-    failed = args.messages - accepted
+    failed = work.handed_out - accepted
     mode = "one connection per session (--reuse)" if args.reuse else "new connection per message"
     print(
         f"accept_smtp: {args.messages} messages, {args.concurrency} sessions, {mode}, "
-        f"{len(messages[0])} B messages, {'STARTTLS+AUTH' if args.auth else 'no AUTH'}, "
+        f"{len(messages(0))} B messages, {'STARTTLS+AUTH' if args.auth else 'no AUTH'}, "
         f"SMTP {host}:{port}"
     )
-    print(f"accepted (250 after DATA): {accepted}/{args.messages} in {wall:.3f} s = "
-          f"{accepted / wall:.1f} msgs/s")
-    print(f"failed: {failed}" + (
-        " (" + ", ".join(f"{k} x{v}" for k, v in sorted(stats.failures.items())) + ")"
-        if stats.failures else ""
-    ))
+    print(
+        f"accepted (250 after DATA): {accepted}/{work.handed_out} in {wall:.3f} s = "
+        f"{accepted / wall:.1f} msgs/s"
+    )
+    print(
+        f"failed: {failed}"
+        + (
+            " (" + ", ".join(f"{k} x{v}" for k, v in sorted(stats.failures.items())) + ")"
+            if stats.failures
+            else ""
+        )
+    )
     if stats.first_failure:
         print(f"  first failure: {stats.first_failure}")
     print(_postroom.latency_line("DATA acknowledgement latency", stats.data_latency))
-    print(_postroom.latency_line(
-        "whole message (MAIL..DATA)" if args.reuse else "whole message (connect..DATA)",
-        stats.transaction,
-    ))
+    print(
+        _postroom.latency_line(
+            "whole message (MAIL..DATA)" if args.reuse else "whole message (connect..DATA)",
+            stats.transaction,
+        )
+    )
     for line in watch.lines(wall) + _postroom.server_log_lines(server):
         print(line)
+    if interrupted:
+        print(f"INTERRUPTED after {work.handed_out} of {args.messages} messages")
+        return 130
     return 0 if failed == 0 else 1
 
 
@@ -273,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         return asyncio.run(run(args, args.host, args.port, args.key or "", None))
     with _postroom.PrivatePostroom() as server:
-        print(f"started a private postroom: pid {server.pid}, SMTP "
-              f"{server.smtp_host}:{server.smtp_port}, API {server.api_url}, dir {server.workdir}")
+        print(
+            f"started a private postroom: pid {server.pid}, SMTP "
+            f"{server.smtp_host}:{server.smtp_port}, API {server.api_url}, dir {server.workdir}"
+        )
         code = asyncio.run(run(args, server.smtp_host, server.smtp_port, server.key, server))
     print(f"postroom stopped (exit code {server.exit_code})")
     return code
