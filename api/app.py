@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors, messages
+from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, ReadinessProbe
 from config import Settings
 from store import Spool, StoreError
@@ -54,6 +55,9 @@ def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> S
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
+        Route("/v1/messages/batch", messages.send_batch, methods=["POST"]),
+        Route("/v1/send", messages.send_compat, methods=["POST"]),
+        Route("/v1/send/batch", messages.send_compat_batch, methods=["POST"]),
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
     ]
     app = Starlette(
@@ -65,6 +69,13 @@ def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> S
             Exception: errors.handle_unexpected,
         },
     )
-    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    domains = None
+    if settings.api.check_recipient_domains:
+        domains = RecipientDomains(
+            build_resolver(settings), settings.api.recipient_domain_cache_size
+        )
+    app.state.postroom = AppState(
+        spool=spool, settings=settings, readiness=readiness, domains=domains
+    )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from api.recipient_domains import RecipientDomains
 from config import Settings
 from store import Spool
 
@@ -24,3 +25,5 @@ class AppState:
     spool: Spool
     settings: Settings
     readiness: ReadinessProbe
+    #: None when `api.check_recipient_domains` is off.
+    domains: RecipientDomains | None = None

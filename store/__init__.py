@@ -6,25 +6,36 @@ the typed records it takes and returns, and its errors.
 
 from __future__ import annotations
 
-from store.errors import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
-from store.intake import domain_of
+from store.errors import (
+    IdempotencyConflict,
+    NotFound,
+    PolicyRejected,
+    SpoolClosed,
+    StorageFull,
+    StoreError,
+)
+from store.intake import domain_of, normalise_domain
 from store.records import (
     Accepted,
     ApiKey,
     DeliveryJob,
     Event,
     EventType,
+    IdempotencyKey,
     Message,
     MessageStatus,
+    MessageType,
     NewKey,
     Outcome,
     Principal,
+    Priority,
     Recipient,
     RecipientStatus,
     Reply,
     Scope,
     Source,
     Submission,
+    Tag,
     derive_message_status,
     format_event_id,
     format_time,
@@ -37,13 +48,17 @@ __all__ = [
     "DeliveryJob",
     "Event",
     "EventType",
+    "IdempotencyConflict",
+    "IdempotencyKey",
     "Message",
     "MessageStatus",
+    "MessageType",
     "NewKey",
     "NotFound",
     "Outcome",
     "PolicyRejected",
     "Principal",
+    "Priority",
     "Recipient",
     "RecipientStatus",
     "Reply",
@@ -54,9 +69,11 @@ __all__ = [
     "StorageFull",
     "StoreError",
     "Submission",
+    "Tag",
     "derive_message_status",
     "domain_of",
     "format_event_id",
     "format_time",
     "migrate",
+    "normalise_domain",
 ]
