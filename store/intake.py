@@ -12,6 +12,7 @@ large writer jobs, each message inside its own savepoint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sqlite3
@@ -54,6 +55,9 @@ class IntakeLimits:
     idempotency_ttl: float = 86400.0
 
 
+# IDNA encoding costs tens of microseconds and the same few domains come again and again (a
+# batch of 10,000 to one domain): remember the last few thousand.
+@functools.lru_cache(maxsize=4096)
 def normalise_domain(domain: str) -> str:
     """A domain as stored and compared: ASCII (IDNA 2008, UTS 46), lower case, no trailing dot.
 
