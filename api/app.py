@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors, events, messages, webhooks
+from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, ReadinessProbe, WebhookGateway
 from config import Settings
 from store import Spool, StoreError
@@ -59,6 +60,9 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
+        Route("/v1/messages/batch", messages.send_batch, methods=["POST"]),
+        Route("/v1/send", messages.send_compat, methods=["POST"]),
+        Route("/v1/send/batch", messages.send_compat_batch, methods=["POST"]),
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
         *events.routes,
         *webhooks.routes,
@@ -72,8 +76,13 @@ def create_app(
             Exception: errors.handle_unexpected,
         },
     )
+    domains = None
+    if settings.api.check_recipient_domains:
+        domains = RecipientDomains(
+            build_resolver(settings), settings.api.recipient_domain_cache_size
+        )
     app.state.postroom = AppState(
-        spool=spool, settings=settings, readiness=readiness, webhooks=gateway
+        spool=spool, settings=settings, readiness=readiness, webhooks=gateway, domains=domains
     )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

@@ -3,10 +3,12 @@
     ApiError(status, slug)           every error a client sees
     ├── BadRequest         400 bad_request
     ├── Unauthorized       401 unauthorized
-    ├── Forbidden          403 forbidden
+    ├── Forbidden          403 forbidden / sender_not_allowed
     ├── NotFoundError      404 not_found
+    ├── Conflict           409 conflict / idempotency_key_reused / idempotency_key_in_progress
     ├── PayloadTooLarge    413 payload_too_large
     ├── ValidationFailed   422 validation_error (details name each field by path)
+    │   └── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
     ├── ServiceUnavailable 503 service_unavailable
     └── InsufficientStorage 507 insufficient_storage
 
@@ -26,7 +28,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from store import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
+from store import (
+    IdempotencyConflict,
+    NotFound,
+    PolicyRejected,
+    SpoolClosed,
+    StorageFull,
+    StoreError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,12 @@ class NotFoundError(ApiError):
     status, slug = 404, "not_found"
 
 
+class Conflict(ApiError):
+    """The request conflicts with an earlier one."""
+
+    status, slug = 409, "conflict"
+
+
 class MethodNotAllowed(ApiError):
     """This method is not allowed on this resource."""
 
@@ -98,6 +113,12 @@ class ValidationFailed(ApiError):
     """The request is not valid."""
 
     status, slug = 422, "validation_error"
+
+
+class InvalidRecipient(ValidationFailed):
+    """A recipient's domain cannot receive mail."""
+
+    slug = "invalid_recipient"
 
 
 class ServiceUnavailable(ApiError):
@@ -118,6 +139,8 @@ def from_validation_error(exc: ValidationError) -> ValidationFailed:
     for err in exc.errors():
         path = ""
         for part in err["loc"]:
+            if part == "[key]":  # a bad dict key: the path already names it
+                continue
             if isinstance(part, int):
                 path += f"[{part}]"
             else:
@@ -132,10 +155,11 @@ def from_validation_error(exc: ValidationError) -> ValidationFailed:
 def from_store_error(exc: StoreError) -> ApiError:
     if isinstance(exc, PolicyRejected):
         details = [Detail(exc.field, str(exc))] if exc.field else []
-        status = 413 if exc.slug == "message_too_large" else 422
         error = ApiError(str(exc), details, slug=exc.slug)
-        error.status = status
+        error.status = _POLICY_STATUS.get(exc.slug, 422)
         return error
+    if isinstance(exc, IdempotencyConflict):
+        return Conflict(str(exc), slug=exc.slug)
     if isinstance(exc, NotFound):
         return NotFoundError(str(exc))
     if isinstance(exc, StorageFull):
@@ -145,13 +169,20 @@ def from_store_error(exc: StoreError) -> ApiError:
     return ServiceUnavailable("the spool could not complete the request; try again later")
 
 
-def render(error: ApiError) -> JSONResponse:
-    body = {
+_POLICY_STATUS = {"message_too_large": 413, "sender_not_allowed": 403}
+
+
+def body_of(error: ApiError) -> dict[str, object]:
+    """The error body: alone in a response, or as one item's result in a batch."""
+    return {
         "error": error.slug,
         "message": str(error),
         "details": [{"field": d.field, "message": d.message} for d in error.details],
     }
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def render(error: ApiError) -> JSONResponse:
+    return JSONResponse(body_of(error), status_code=error.status, headers=error.headers)
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:

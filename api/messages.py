@@ -1,8 +1,19 @@
-"""Message endpoints: send one message, read one back."""
+"""Message endpoints: send one, send a batch, the channel-tagged compat routes, read one back.
+
+Every send goes through one pipeline: each item is validated and composed (`prepare`), its
+idempotency key is held — replaying the first answer or refusing where the key says so — its
+recipients' domains are checked, and the survivors go to the spool together, so a batch costs a
+few commits rather than one per message. A refused item changes nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import time
+import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -10,11 +21,44 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from api.auth import authenticate
-from api.compose import compose, envelope_sender
-from api.errors import BadRequest, PayloadTooLarge, ValidationFailed, from_validation_error
-from api.models import AcceptedOut, MessageOut, SendRequest
+from api.compose import compose, envelope_recipients, envelope_sender
+from api.errors import (
+    ApiError,
+    BadRequest,
+    Detail,
+    Forbidden,
+    InvalidRecipient,
+    PayloadTooLarge,
+    ValidationFailed,
+    body_of,
+    from_store_error,
+    from_validation_error,
+)
+from api.models import (
+    AcceptedOut,
+    CompatSendRequest,
+    MessageOut,
+    SendRequest,
+    check_idempotency_key,
+)
 from api.types import AppState
-from store import Scope, Source, Submission, format_time
+from config import Settings
+from store import (
+    Accepted,
+    IdempotencyConflict,
+    IdempotencyKey,
+    MessageType,
+    Principal,
+    Priority,
+    Scope,
+    Source,
+    Submission,
+    Tag,
+    domain_of,
+    format_time,
+)
+
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -31,33 +75,341 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest() from None
+
+
+# -- one item through validation and composition (pure: no I/O, runs in a thread for batches) ---
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One send request on its way: ready to accept, or refused with an error."""
+
+    key: IdempotencyKey | None = None
+    submission: Submission | None = None
+    recipients: tuple[tuple[str, str], ...] = ()  # (field path, ASCII address)
+    error: ApiError | None = None
+    compat_key: str | None = None  # the key a compat request was answered with
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    accepted: Accepted
+    replayed: bool = False
+
+
+Result = Sent | ApiError
+
+
+def fingerprint(body: object) -> bytes:
+    """SHA-256 of the request's canonical JSON, its idempotency key left out."""
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k != "idempotency_key"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def idempotency_key_of(body: object, header: str | None) -> IdempotencyKey | None:
+    """The request's idempotency key: the header, else the body's `idempotency_key`."""
+    in_body = body.get("idempotency_key") if isinstance(body, dict) else None
+    if header is not None:
+        try:
+            check_idempotency_key(header)
+        except ValueError as exc:
+            raise ValidationFailed(details=[Detail("Idempotency-Key", str(exc))]) from None
+        if isinstance(in_body, str) and in_body != header:
+            raise ValidationFailed(
+                details=[Detail("idempotency_key", "differs from the Idempotency-Key header")]
+            )
+        return IdempotencyKey(header, fingerprint(body))
+    if isinstance(in_body, str):
+        try:
+            check_idempotency_key(in_body)
+        except ValueError:
+            return None  # validation names the field
+        return IdempotencyKey(in_body, fingerprint(body))
+    return None
+
+
+def check_limits(send: SendRequest, settings: Settings, now: float) -> None:
+    """Recipient counts and the schedule: what the model cannot know (settings, the clock)."""
+    per_field = settings.api.max_recipients_per_field
+    details = [
+        Detail(name, f"at most {per_field} addresses")
+        for name, values in (("to", send.to), ("cc", send.cc), ("bcc", send.bcc))
+        if len(values) > per_field
+    ]
+    if send.scheduled_at is not None and send.scheduled_at.timestamp() <= now:
+        details.append(Detail("scheduled_at", "must be in the future"))
+    if details:
+        raise ValidationFailed(details=details)
+    total = len({a.lower() for _, a in envelope_recipients(send)})
+    if total > settings.smtp.max_recipients:
+        raise ValidationFailed(
+            f"at most {settings.smtp.max_recipients} recipients per message",
+            [Detail("to", "too many recipients in to, cc and bcc together")],
+            slug="too_many_recipients",
+        )
+
+
+def prepare(
+    body: object,
+    principal: Principal,
+    settings: Settings,
+    now: float,
+    header_key: str | None = None,
+) -> Item:
+    """Validate and compose one request; an `Item` carrying its error if it is refused."""
+    key: IdempotencyKey | None = None
+    try:
+        key = idempotency_key_of(body, header_key)
+        if not isinstance(body, dict):
+            raise ValidationFailed("each message must be a JSON object")
+        try:
+            send = SendRequest.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        check_limits(send, settings, now)
+        sender = envelope_sender(send)
+        if not principal.may_send_from(domain_of(sender)):
+            raise Forbidden(
+                f"this API key may not send from {domain_of(sender)}",
+                [Detail("from", "the domain is not one of this API key's sender domains")],
+                slug="sender_not_allowed",
+            )
+        try:
+            content = compose(send, settings.server.hostname, now)
+        except ValueError as exc:  # what EmailMessage refuses despite validation
+            raise ValidationFailed(details=[Detail("body", str(exc))]) from None
+    except ApiError as error:
+        return Item(key=key, error=error)
+    recipients = tuple(envelope_recipients(send))
+    submission = Submission(
+        mail_from=sender,
+        recipients=tuple(address for _, address in recipients),
+        content=content,
+        source=Source.API,
+        principal=principal,
+        tags=tuple(Tag(t.name, t.value) for t in send.tags),
+        metadata=dict(send.metadata),
+        message_type=MessageType(send.message_type),
+        priority=Priority(send.priority),
+        scheduled_at=send.scheduled_at.timestamp() if send.scheduled_at else None,
+        idempotency=key,
+    )
+    return Item(key=key, submission=submission, recipients=recipients)
+
+
+# -- the channel-tagged compat shape ---------------------------------------------------------------
+
+# Where a native field came from in the compat shape, to name it in errors.
+_COMPAT_PATHS = {
+    "from": "metadata.from_email",
+    "to[0]": "destination.email",
+    "to": "destination.email",
+    "subject": "payload.subject",
+    "text": "payload.body_text",
+    "html": "payload.body_html",
+}
+
+
+def prepare_compat(
+    body: object, principal: Principal, settings: Settings, now: float,
+    header_key: str | None = None,
+) -> Item:
+    """Translate a channel-tagged request into a native one and prepare that."""
+    try:
+        if not isinstance(body, dict):
+            raise ValidationFailed("each message must be a JSON object")
+        try:
+            compat = CompatSendRequest.model_validate(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        if compat.channel != "email":
+            raise ValidationFailed(
+                f"channel {compat.channel!r} is not enabled; only 'email' is",
+                [Detail("channel", "only 'email' is enabled")],
+                slug="channel_not_enabled",
+            )
+        if compat.template_id is not None or compat.template_vars is not None:
+            raise ValidationFailed(
+                details=[Detail("template_id", "templates are not available yet")]
+            )
+        metadata = dict(compat.metadata)
+        if "from_email" not in metadata:
+            raise ValidationFailed(details=[Detail("metadata.from_email", "Field required")])
+        key = header_key or compat.idempotency_key or f"gen_{uuid.uuid4().hex}"
+    except ApiError as error:
+        return Item(error=error)
+    native: dict[str, Any] = {
+        "from": metadata.pop("from_email"),
+        "to": compat.destination.email,
+        "subject": compat.payload.subject,
+        "message_type": compat.message_type,
+        "metadata": metadata,
+    }
+    if compat.payload.body_text is not None:
+        native["text"] = compat.payload.body_text
+    if compat.payload.body_html is not None:
+        native["html"] = compat.payload.body_html
+    item = prepare(native, principal, settings, now)
+    idem = IdempotencyKey(key, fingerprint(body))
+    submission = item.submission
+    if submission is not None:
+        submission = replace(submission, idempotency=idem)
+    refused = item.error
+    if refused is not None:
+        refused.details = [
+            Detail(_COMPAT_PATHS.get(d.field, d.field), d.message) for d in refused.details
+        ]
+    return Item(idem, submission, item.recipients, refused, compat_key=key)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+
+async def send_items(state: AppState, principal: Principal, items: list[Item]) -> list[Result]:
+    """Hold keys, check recipient domains, accept the survivors together; results in order."""
+    spool = state.spool
+    async with spool.hold_idempotency_keys(principal, [i.key for i in items]) as verdicts:
+        results: list[Result | None] = []
+        for item, verdict in zip(items, verdicts, strict=True):
+            if isinstance(verdict, Accepted):
+                results.append(Sent(verdict, replayed=True))
+            elif isinstance(verdict, IdempotencyConflict):
+                results.append(from_store_error(verdict))
+            else:
+                results.append(item.error)
+        if state.domains is not None:
+            await _check_domains(state, items, results)
+        live = [i for i, result in enumerate(results) if result is None]
+        submissions = []
+        for i in live:
+            submission = items[i].submission
+            assert submission is not None
+            submissions.append(submission)
+        if submissions:
+            outcomes = await spool.accept_many(submissions)
+            for i, outcome in zip(live, outcomes, strict=True):
+                results[i] = (
+                    Sent(outcome) if isinstance(outcome, Accepted) else from_store_error(outcome)
+                )
+    return [r if r is not None else ApiError() for r in results]
+
+
+async def _check_domains(state: AppState, items: list[Item], results: list[Result | None]) -> None:
+    assert state.domains is not None
+    live = [i for i, result in enumerate(results) if result is None]
+    refusals = await state.domains.refusals(
+        domain_of(address) for i in live for _, address in items[i].recipients
+    )
+    if not refusals:
+        return
+    for i in live:
+        bad = [
+            Detail(path, f"{address}: {refusals[domain_of(address)]}")
+            for path, address in items[i].recipients
+            if domain_of(address) in refusals
+        ]
+        if bad:
+            results[i] = InvalidRecipient(
+                f"{bad[0].message}" if len(bad) == 1 else f"{len(bad)} recipients cannot get mail",
+                bad,
+            )
+
+
+def accepted_body(accepted: Accepted) -> dict[str, Any]:
+    out = AcceptedOut(
+        id=accepted.id, status=accepted.status.value, created_at=format_time(accepted.created_at)
+    )
+    return out.model_dump()
+
+
+def _single(result: Result, extra: dict[str, Any] | None = None) -> JSONResponse:
+    if isinstance(result, ApiError):
+        raise result
+    headers = {REPLAYED_HEADER: "true"} if result.replayed else {}
+    return JSONResponse(
+        {**accepted_body(result.accepted), **(extra or {})}, status_code=202, headers=headers
+    )
+
+
+def _batch(results: list[Result], items: list[Item]) -> JSONResponse:
+    data = []
+    for result, item in zip(results, items, strict=True):
+        if isinstance(result, ApiError):
+            entry = body_of(result)
+        else:
+            entry = accepted_body(result.accepted)
+            if result.replayed:
+                entry["replayed"] = True
+        if item.compat_key is not None:
+            entry["idempotency_key"] = item.compat_key
+        data.append(entry)
+    every = all(isinstance(r, Sent) for r in results)
+    return JSONResponse({"data": data}, status_code=200 if every else 207)
+
+
+async def _read_batch(request: Request, state: AppState) -> list[Any]:
+    if request.headers.get("idempotency-key") is not None:
+        raise ValidationFailed(
+            details=[Detail("Idempotency-Key", "give each item its own idempotency_key")]
+        )
+    body = await read_json(request, state.settings.api.max_request_size)
+    if not isinstance(body, list) or not body:
+        raise ValidationFailed("the request body must be a non-empty JSON array of messages")
+    if len(body) > state.settings.api.max_batch:
+        raise ValidationFailed(
+            details=[Detail("body", f"at most {state.settings.api.max_batch} messages per batch")]
+        )
+    return body
+
+
+# -- endpoints -------------------------------------------------------------------------------------
 
 
 async def send_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     principal = await authenticate(request, state.spool, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
-    if not isinstance(body, dict):
-        raise ValidationFailed("the request body must be a JSON object")
-    try:
-        send = SendRequest.model_validate(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-    content = compose(send, state.settings.server.hostname)
-    submission = Submission(
-        mail_from=envelope_sender(send),
-        recipients=tuple(send.to),
-        content=content,
-        source=Source.API,
-        principal=principal,
+    header = request.headers.get("idempotency-key")
+    item = prepare(body, principal, state.settings, time.time(), header)
+    [result] = await send_items(state, principal, [item])
+    return _single(result)
+
+
+async def send_batch(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.postroom
+    principal = await authenticate(request, state.spool, Scope.SEND)
+    bodies = await _read_batch(request, state)
+    now = time.time()
+    # Validation and composition are CPU work: keep the event loop free for other clients.
+    items = await asyncio.to_thread(
+        lambda: [prepare(b, principal, state.settings, now) for b in bodies]
     )
-    accepted = await state.spool.accept(submission)
-    out = AcceptedOut(
-        id=accepted.id, status=accepted.status.value, created_at=format_time(accepted.created_at)
+    return _batch(await send_items(state, principal, items), items)
+
+
+async def send_compat(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.postroom
+    principal = await authenticate(request, state.spool, Scope.SEND)
+    body = await read_json(request, state.settings.api.max_request_size)
+    header = request.headers.get("idempotency-key")
+    item = prepare_compat(body, principal, state.settings, time.time(), header)
+    [result] = await send_items(state, principal, [item])
+    return _single(result, {"idempotency_key": item.compat_key} if item.compat_key else None)
+
+
+async def send_compat_batch(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.postroom
+    principal = await authenticate(request, state.spool, Scope.SEND)
+    bodies = await _read_batch(request, state)
+    now = time.time()
+    items = await asyncio.to_thread(
+        lambda: [prepare_compat(b, principal, state.settings, now) for b in bodies]
     )
-    return JSONResponse(out.model_dump(), status_code=202)
+    return _batch(await send_items(state, principal, items), items)
 
 
 async def get_message(request: Request) -> JSONResponse:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,74 +28,242 @@ from store import (
     WebhookAttempt,
     WebhookEndpoint,
     format_time,
+    normalise_domain,
 )
 
-# A pragmatic addr-spec: no whitespace, controls, angle brackets or commas; one @; a dotted or
-# bracketed domain. RFC 5321 length limits: 64 for the local part, 254 for the whole path.
-_ADDR = re.compile(r"^[^\s<>(),;:\"@\x00-\x1f\x7f]+@[^\s<>(),;:\"@\x00-\x1f\x7f]+$")
-
-
-def check_address(value: str) -> str:
-    if not _ADDR.match(value):
-        raise ValueError("not a valid email address")
-    local, _, domain = value.rpartition("@")
-    if len(local) > 64 or len(value) > 254:
-        raise ValueError("email address too long (RFC 5321 limits)")
-    if domain.startswith(".") or ".." in domain:
-        raise ValueError("not a valid email address domain")
-    return value
-
-
-_NAME_ADDR = re.compile(r'^\s*(?:"(?:[^"\\]|\\.)*"|[^<>"@,;:]*?)\s*<([^<>]+)>\s*$')
-
-
-def mailbox_address(value: str) -> str:
-    """The address of a bare address or a name-addr (`"Acme" <no-reply@acme.test>`)."""
-    if any(c in value for c in "\r\n\x00"):
-        raise ValueError("must not contain CR, LF or NUL")
-    m = _NAME_ADDR.match(value)
-    return check_address(m.group(1) if m else value.strip())
-
-
-def check_mailbox(value: str) -> str:
-    mailbox_address(value)
-    return value
+# RFC 5321 §4.1.2 local parts: a dot-atom, or a quoted string of printable ASCII.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NAME_ADDR = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^<>"]*?))\s*<([^<>]*)>\s*$')
+_CONTROLS = "\r\n\x00"
 
 
 def _no_controls(value: str) -> str:
-    if any(c in value for c in "\r\n\x00"):
+    if any(c in value for c in _CONTROLS):
         raise ValueError("must not contain CR, LF or NUL")
     return value
 
 
-Address = Annotated[str, AfterValidator(check_address)]
+def normalise_address(value: str) -> str:
+    """A checked addr-spec with its domain in ASCII (IDNA), as the envelope needs it.
+
+    Syntax per RFC 5321 §4.1.2 (no address literals), lengths per §4.5.3.1: 64 octets of local
+    part, 255 of domain, 254 for the whole path between the angle brackets.
+    """
+    _no_controls(value)
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError("not a valid email address")
+    if not local.isascii():
+        raise ValueError("non-ASCII local parts are not supported")
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        raise ValueError("not a valid email address")
+    if len(local) > 64:
+        raise ValueError("the local part is longer than 64 characters (RFC 5321)")
+    try:
+        ascii_domain = normalise_domain(domain)
+    except ValueError:
+        raise ValueError("not a valid email address domain") from None
+    labels = ascii_domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError("not a valid email address domain")
+    address = f"{local}@{ascii_domain}"
+    if len(address) > 254:
+        raise ValueError("the address is longer than 254 characters (RFC 5321)")
+    return address
+
+
+def parse_mailbox(value: str) -> tuple[str, str]:
+    """(display name, ASCII address) of a bare address or a name-addr (`"Acme" <a@acme.test>`)."""
+    _no_controls(value)
+    m = _NAME_ADDR.match(value)
+    if m is None:
+        return "", normalise_address(value)
+    quoted, bare, address = m.groups()
+    name = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else (bare or "").strip()
+    if len(name) > 256:
+        raise ValueError("the display name is longer than 256 characters")
+    return name, normalise_address(address)
+
+
+def mailbox_address(value: str) -> str:
+    """The ASCII address of a bare address or a name-addr."""
+    return parse_mailbox(value)[1]
+
+
+def check_mailbox(value: str) -> str:
+    parse_mailbox(value)
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+# Headers Postroom writes itself (or that only MTAs may add): a custom header may not set them.
+OWNED_HEADERS = frozenset(
+    {
+        "from", "to", "cc", "bcc", "subject", "date", "message-id", "sender", "reply-to",
+        "dkim-signature", "received", "return-path", "mime-version",
+    }
+)
+_FIELD_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")  # RFC 5322 §3.6.8 ftext
+
+
+def check_header_name(value: str) -> str:
+    if not _FIELD_NAME.match(value):
+        raise ValueError("not a valid header name")
+    lower = value.lower()
+    if lower in OWNED_HEADERS or lower.startswith("content-"):
+        hint = "; use the reply_to field" if lower == "reply-to" else ""
+        raise ValueError(f"{value} is set by Postroom and may not be given{hint}")
+    return value
+
+
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")
+
+
+def check_content_type(value: str) -> str:
+    if not _CONTENT_TYPE.match(value):
+        raise ValueError("not a MIME type such as application/pdf")
+    return value.lower()
+
+
+def decode_base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", value), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    return value
+
+
+def _iso_string(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string such as 2030-01-31T09:00:00Z")
+    return value
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("must include a time zone, e.g. 2030-01-31T09:00:00Z")
+    return value
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+def check_idempotency_key(value: str) -> str:
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise ValueError("must be 1 to 255 printable ASCII characters")
+    return value
+
+
+Address = Annotated[str, AfterValidator(normalise_address)]
 Mailbox = Annotated[str, AfterValidator(check_mailbox)]
+Mailboxes = Annotated[list[Mailbox], BeforeValidator(_as_list)]
 HeaderText = Annotated[str, AfterValidator(_no_controls)]
+BodyText = Annotated[str, AfterValidator(_no_nul)]
+ShortText = Annotated[str, AfterValidator(_no_controls), Field(min_length=1, max_length=256)]
+HeaderName = Annotated[str, AfterValidator(check_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_no_controls), Field(max_length=998)]
+IdempotencyKeyText = Annotated[str, AfterValidator(check_idempotency_key)]
+
+
+class TagIn(BaseModel):
+    """A tag: a bare string, or `{"name", "value"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ShortText
+    value: ShortText | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class AttachmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: Annotated[str, AfterValidator(_no_controls), Field(min_length=1, max_length=255)]
+    content: Annotated[bytes, BeforeValidator(decode_base64)]
+    content_type: Annotated[str, AfterValidator(check_content_type)] | None = None
+    #: Set for an inline image that the HTML refers to as `cid:<content_id>`.
+    content_id: Annotated[
+        str, AfterValidator(_no_controls), Field(min_length=1, max_length=200)
+    ] | None = None
 
 
 class SendRequest(BaseModel):
-    """`POST /v1/messages`."""
+    """`POST /v1/messages`, and each item of `POST /v1/messages/batch`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
 
     from_: Mailbox = Field(alias="from")
-    to: list[Address] = Field(min_length=1, max_length=100)
+    to: Mailboxes = []
+    cc: Mailboxes = []
+    bcc: Mailboxes = []
+    reply_to: Mailboxes = []
     subject: HeaderText = Field(max_length=998)
-    text: str | None = None
-    html: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _to_as_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("to"), str):
-            data = {**data, "to": [data["to"]]}
-        return data
+    text: BodyText | None = None
+    html: BodyText | None = None
+    headers: dict[HeaderName, HeaderValue] = {}
+    attachments: list[AttachmentIn] = []
+    tags: list[TagIn] = Field(default=[], max_length=50)
+    metadata: dict[ShortText, Annotated[str, AfterValidator(_no_controls)]] = Field(
+        default={}, max_length=50
+    )
+    message_type: Literal["transactional", "marketing"] = "transactional"
+    priority: Literal["high", "normal", "low"] = "normal"
+    scheduled_at: Annotated[
+        datetime, BeforeValidator(_iso_string), AfterValidator(_aware)
+    ] | None = None
+    idempotency_key: IdempotencyKeyText | None = None
 
     @model_validator(mode="after")
-    def _has_body(self) -> SendRequest:
+    def _complete(self) -> SendRequest:
         if self.text is None and self.html is None:
             raise ValueError("text or html is required")
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("at least one recipient (to, cc or bcc) is required")
         return self
+
+
+class CompatDestination(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    email: str
+
+
+class CompatPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str
+    body_html: str | None = None
+    body_text: str | None = None
+
+
+class CompatSendRequest(BaseModel):
+    """`POST /v1/send`: the channel-tagged shape, translated to a `SendRequest`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str
+    idempotency_key: IdempotencyKeyText | None = None
+    destination: CompatDestination
+    payload: CompatPayload
+    message_type: Literal["transactional", "marketing"] = "transactional"
+    metadata: dict[str, str] = {}
+    template_id: str | None = None
+    template_vars: dict[str, Any] | None = None
 
 
 class LastReply(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from api.recipient_domains import RecipientDomains
 from config import Settings
 from store import AttemptResult, Spool, UrlRefusal, WebhookEndpoint
 
@@ -33,3 +34,5 @@ class AppState:
     settings: Settings
     readiness: ReadinessProbe
     webhooks: WebhookGateway | None = None  # None: the webhook routes answer 503
+    #: None when `api.check_recipient_domains` is off.
+    domains: RecipientDomains | None = None

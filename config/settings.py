@@ -153,6 +153,11 @@ class ApiSettings(Section):
     listen: Address = "127.0.0.1:8025"
     max_request_size: ByteSize = 50 * 1000**2
     key_hash_secret: SecretStr | None = None
+    idempotency_ttl: Duration = 86400.0
+    max_batch: int = Field(default=10_000, ge=1)
+    max_recipients_per_field: int = Field(default=50, ge=1)
+    check_recipient_domains: bool = True
+    recipient_domain_cache_size: int = Field(default=10_000, ge=1)
 
 
 class DeliverySettings(Section):
@@ -169,6 +174,13 @@ class DeliverySettings(Section):
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     attempt_timeout: Duration = 900.0
+
+    @property
+    def nameserver_addresses(self) -> list[tuple[str, int]]:
+        """`dns_nameservers` as (host, port), port 53 by default; empty: the system's."""
+        # Shared by delivery's MX resolver and the API's recipient-domain check, so both ask
+        # the same servers.
+        return [parse_address(s if ":" in s else f"{s}:53") for s in self.dns_nameservers]
 
     @field_validator("retry_schedule")
     @classmethod

@@ -43,6 +43,7 @@ from store import (
     UrlRefusal,
     format_time,
     migrate,
+    normalise_domain,
 )
 
 T = TypeVar("T")
@@ -219,19 +220,35 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for.")
 @click.option("--scope", type=click.Choice(["send", "full"]), default="full", show_default=True)
+@click.option(
+    "--sender-domain",
+    "sender_domains",
+    multiple=True,
+    help="Allow sending only from this domain (repeatable). Default: any domain.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def keys_create(ctx: click.Context, name: str, scope: str, as_json: bool) -> None:
+def keys_create(
+    ctx: click.Context, name: str, scope: str, sender_domains: tuple[str, ...], as_json: bool
+) -> None:
     """Create a key; it is shown once and stored only as a digest."""
     settings = settings_of(ctx)
-    new = with_spool(settings, lambda spool: spool.create_key(name, Scope(scope)))
-    data = {"id": new.key.id, "key": new.secret, "name": name, "scope": scope}
+    for domain in sender_domains:
+        try:
+            normalise_domain(domain)
+        except ValueError as exc:
+            fail(f"--sender-domain: {exc}")
+    new = with_spool(settings, lambda spool: spool.create_key(name, Scope(scope), sender_domains))
+    domains = list(new.key.sender_domains)
+    data = {"id": new.key.id, "key": new.secret, "name": name, "scope": scope,
+            "sender_domains": domains}
     emit(
         data,
         as_json,
         lambda: click.echo(
             f"id:    {new.key.id}\nkey:   {new.secret}\nscope: {scope}\n"
-            "The key is shown only now: store it safely."
+            + (f"sender domains: {', '.join(domains)}\n" if domains else "")
+            + "The key is shown only now: store it safely."
         ),
     )
 
@@ -243,7 +260,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
     """List keys (never their secrets)."""
     settings = settings_of(ctx)
     found = with_spool(settings, lambda spool: spool.list_keys())
-    data = [
+    data: list[dict[str, Any]] = [
         {
             "id": k.id,
             "name": k.name,
@@ -251,6 +268,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             "scope": k.scope.value,
             "created_at": format_time(k.created_at),
             "revoked_at": format_time(k.revoked_at) if k.revoked_at else None,
+            "sender_domains": list(k.sender_domains),
         }
         for k in found
     ]
@@ -258,7 +276,11 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
     def human() -> None:
         for row in data:
             state = "revoked" if row["revoked_at"] else "active"
-            click.echo(f"{row['id']}  {row['hint']:<10} {row['scope']:<5} {state:<8} {row['name']}")
+            domains = ",".join(row["sender_domains"]) or "*"
+            click.echo(
+                f"{row['id']}  {row['hint']:<10} {row['scope']:<5} {state:<8} {row['name']}"
+                f"  from={domains}"
+            )
 
     emit(data, as_json, human)
 

@@ -17,7 +17,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from config import Settings, parse_address
+from config import Settings
 from store import Reply
 
 
@@ -37,13 +37,10 @@ class Route:
 
 def build_resolver(settings: Settings) -> dns.asyncresolver.Resolver:
     """A resolver with a cache; the configured nameservers, else the system's."""
-    servers = settings.delivery.dns_nameservers
+    servers = settings.delivery.nameserver_addresses
     resolver = dns.asyncresolver.Resolver(configure=not servers)
     if servers:
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(*parse_address(s if ":" in s else f"{s}:53"))
-            for s in servers
-        ]
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(*s) for s in servers]
     resolver.cache = dns.resolver.LRUCache(max_size=10_000)
     resolver.lifetime = settings.delivery.dns_timeout
     resolver.timeout = min(settings.delivery.dns_timeout, 2.0)

@@ -6,8 +6,15 @@ the typed records it takes and returns, and its errors.
 
 from __future__ import annotations
 
-from store.errors import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
-from store.intake import domain_of
+from store.errors import (
+    IdempotencyConflict,
+    NotFound,
+    PolicyRejected,
+    SpoolClosed,
+    StorageFull,
+    StoreError,
+)
+from store.intake import domain_of, normalise_domain
 from store.records import (
     ALL_EVENTS,
     Accepted,
@@ -17,19 +24,23 @@ from store.records import (
     Event,
     EventFilter,
     EventType,
+    IdempotencyKey,
     Message,
     MessageStatus,
+    MessageType,
     NewKey,
     NewWebhook,
     OutboxStatus,
     Outcome,
     Principal,
+    Priority,
     Recipient,
     RecipientStatus,
     Reply,
     Scope,
     Source,
     Submission,
+    Tag,
     UrlRefusal,
     WebhookAttempt,
     WebhookChange,
@@ -52,8 +63,11 @@ __all__ = [
     "Event",
     "EventFilter",
     "EventType",
+    "IdempotencyConflict",
+    "IdempotencyKey",
     "Message",
     "MessageStatus",
+    "MessageType",
     "NewKey",
     "NewWebhook",
     "NotFound",
@@ -61,6 +75,7 @@ __all__ = [
     "Outcome",
     "PolicyRejected",
     "Principal",
+    "Priority",
     "Recipient",
     "RecipientStatus",
     "Reply",
@@ -71,6 +86,7 @@ __all__ = [
     "StorageFull",
     "StoreError",
     "Submission",
+    "Tag",
     "UrlRefusal",
     "WebhookAttempt",
     "WebhookChange",
@@ -82,5 +98,6 @@ __all__ = [
     "format_event_id",
     "format_time",
     "migrate",
+    "normalise_domain",
     "parse_event_id",
 ]

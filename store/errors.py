@@ -4,7 +4,8 @@
     ├── SpoolClosed        the spool is shutting down or closed; nothing was written
     ├── StorageFull        the disk or database is full; nothing was written
     ├── NotFound           no such message, key, …
-    └── PolicyRejected     intake refused the message (carries a slug and a field)
+    ├── PolicyRejected     intake refused the message (carries a slug and a field)
+    └── IdempotencyConflict  the idempotency key is in use (carries a slug)
 
 Each subclass's docstring is its default message. Expected outcomes of delivery are values
 (`records.Outcome`), not errors.
@@ -39,3 +40,20 @@ class PolicyRejected(StoreError):
         super().__init__(message)
         self.slug = slug
         self.field = field
+
+
+class IdempotencyConflict(StoreError):
+    """The idempotency key is already in use."""
+
+    REUSED = "idempotency_key_reused"
+    IN_PROGRESS = "idempotency_key_in_progress"
+
+    def __init__(self, slug: str, message: str | None = None) -> None:
+        super().__init__(message or _CONFLICT_MESSAGES[slug])
+        self.slug = slug
+
+
+_CONFLICT_MESSAGES = {
+    IdempotencyConflict.REUSED: "this idempotency key was already used with a different request",
+    IdempotencyConflict.IN_PROGRESS: "a request with this idempotency key is still in progress",
+}

@@ -2,20 +2,31 @@
 
 Owns every rule that must hold for each message whatever door it came through: line endings
 normalised to CRLF once (so the bytes signed later are the bytes sent), size and recipient limits,
-the message stored once with one delivery unit per recipient, and an `email.queued` event per
-recipient — all in one writer job, so the caller's `250`/`202` follows the commit that holds them.
+the sender domains a key is restricted to (envelope sender and From: header alike), the message
+stored once with its tags, metadata and schedule, one delivery unit per recipient, an
+`email.queued` (or `email.scheduled`) event per recipient and the idempotency key's row — all in
+one writer job, so the caller's `250`/`202` follows the commit that holds them. A batch is a few
+large writer jobs, each message inside its own savepoint.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import re
 import sqlite3
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from email.message import Message as EmailHeaders
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 
-from store.errors import PolicyRejected
+import idna
+
+from store import idempotency
+from store.errors import IdempotencyConflict, PolicyRejected, StoreError
 from store.events import append_events
 from store.ids import new_id
 from store.records import (
@@ -25,9 +36,15 @@ from store.records import (
     NewEvent,
     RecipientStatus,
     Submission,
+    Tag,
+    format_time,
 )
 from store.sql import Q
 from store.writer import Writer
+
+#: Messages per writer job in a batch: large enough to make commits cheap, small enough that
+#: other writers (delivery results, single sends) get a turn between the jobs.
+BATCH_JOB_SIZE = 1000
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=default_policy)
@@ -37,6 +54,64 @@ _HEADER_PARSER = BytesHeaderParser(policy=default_policy)
 class IntakeLimits:
     max_message_size: int
     max_recipients: int
+    idempotency_ttl: float = 86400.0
+
+
+# IDNA encoding costs tens of microseconds and the same few domains come again and again (a
+# batch of 10,000 to one domain): remember the last few thousand.
+@functools.lru_cache(maxsize=4096)
+def normalise_domain(domain: str) -> str:
+    """A domain as stored and compared: ASCII (IDNA 2008, UTS 46), lower case, no trailing dot.
+
+    Raises ValueError for a name that is not a valid domain.
+    """
+    name = domain.strip().rstrip(".")
+    if not name:
+        raise ValueError("empty domain")
+    try:
+        return idna.encode(name, uts46=True).decode("ascii").lower()
+    except idna.IDNAError as exc:
+        raise ValueError(f"{domain!r} is not a valid domain: {exc}") from None
+
+
+def _sender_domain(address: str) -> str:
+    domain = address.rpartition("@")[2]
+    try:
+        return normalise_domain(domain)
+    except ValueError:
+        return domain.lower()
+
+
+def check_sender(submission: Submission, headers: EmailHeaders) -> None:
+    """A key restricted to sender domains may use only those: envelope sender and From: alike."""
+    principal = submission.principal
+    if principal is None or not principal.sender_domains:
+        return
+    domains = []
+    if submission.mail_from:
+        domains.append(_sender_domain(submission.mail_from))
+    try:
+        addresses = tuple(getattr(headers["From"], "addresses", ()))
+    except Exception:  # noqa: BLE001 - an unparsable From: names no allowed domain
+        addresses = ()
+    if not addresses:
+        raise PolicyRejected(
+            "sender_not_allowed", "this API key requires a From: address in its domains", "from"
+        )
+    domains.extend(_sender_domain(a.addr_spec) for a in addresses)
+    for domain in domains:
+        if not principal.may_send_from(domain):
+            raise PolicyRejected(
+                "sender_not_allowed",
+                f"this API key may not send from {domain}; allowed: "
+                + ", ".join(principal.sender_domains),
+                "from",
+            )
+
+
+def attribute_data(tags: Sequence[Tag], metadata: Mapping[str, str]) -> dict[str, object]:
+    """The tags and metadata every event of a message carries."""
+    return {"tags": [t.to_json() for t in tags], "metadata": dict(metadata)}
 
 
 def normalise_line_endings(content: bytes) -> bytes:
@@ -90,19 +165,75 @@ def prepare(submission: Submission, limits: IntakeLimits) -> tuple[bytes, list[t
     return content, units
 
 
-async def accept(writer: Writer, submission: Submission, limits: IntakeLimits) -> Accepted:
-    """Check, store and commit one message; return only after the commit (then ack it)."""
+def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
     content, units = prepare(submission, limits)
     headers = _HEADER_PARSER.parsebytes(content, headersonly=True)
-    job = _AcceptJob(
+    check_sender(submission, headers)
+    return _AcceptJob(
         id=new_id("msg"),
         submission=submission,
         content=content,
         units=units,
         from_header=_header(headers, "From"),
         subject=_header(headers, "Subject"),
+        idempotency_ttl=limits.idempotency_ttl,
     )
-    return await writer.run(job)
+
+
+async def accept(writer: Writer, submission: Submission, limits: IntakeLimits) -> Accepted:
+    """Check, store and commit one message; return only after the commit (then ack it)."""
+    return await writer.run(_job(submission, limits))
+
+
+async def accept_many(
+    writer: Writer, submissions: Sequence[Submission], limits: IntakeLimits
+) -> list[Accepted | StoreError]:
+    """Check and store many messages, each accepted or refused on its own, in request order.
+
+    The accepted ones are committed in a few large writer jobs (not one commit per message);
+    every result is returned only after the commit that holds it.
+    """
+    results: list[Accepted | StoreError | None] = [None] * len(submissions)
+    jobs: list[tuple[int, _AcceptJob]] = []
+    for index, submission in enumerate(submissions):
+        try:
+            jobs.append((index, _job(submission, limits)))
+        except PolicyRejected as exc:
+            results[index] = exc
+    chunks = [jobs[i : i + BATCH_JOB_SIZE] for i in range(0, len(jobs), BATCH_JOB_SIZE)]
+    outcomes = await asyncio.gather(
+        *(writer.run(_BatchJob(tuple(job for _, job in chunk))) for chunk in chunks),
+        return_exceptions=True,
+    )
+    for chunk, outcome in zip(chunks, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, StoreError):
+                raise outcome
+            for index, _ in chunk:
+                results[index] = outcome
+            continue
+        for (index, _), result in zip(chunk, outcome, strict=True):
+            results[index] = result
+    return [r if r is not None else StoreError() for r in results]
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchJob:
+    """Many accept jobs in one writer job; each message in its own savepoint, refused alone."""
+
+    jobs: tuple[_AcceptJob, ...]
+
+    def __call__(self, conn: sqlite3.Connection) -> list[Accepted | StoreError]:
+        results: list[Accepted | StoreError] = []
+        for job in self.jobs:
+            conn.execute("SAVEPOINT message")
+            try:
+                results.append(job(conn))
+            except (PolicyRejected, IdempotencyConflict) as exc:
+                conn.execute("ROLLBACK TO message")
+                results.append(exc)
+            conn.execute("RELEASE message")
+        return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +246,18 @@ class _AcceptJob:
     units: list[tuple[str, str]]
     from_header: str
     subject: str
+    idempotency_ttl: float
 
     def __call__(self, conn: sqlite3.Connection) -> Accepted:
         now = time.time()
         sub = self.submission
+        scheduled = sub.scheduled_at is not None and sub.scheduled_at > now
+        status = RecipientStatus.SCHEDULED if scheduled else RecipientStatus.QUEUED
+        event = EventType.EMAIL_SCHEDULED if scheduled else EventType.EMAIL_QUEUED
+        due_at = sub.scheduled_at if scheduled and sub.scheduled_at is not None else now
+        attributes = attribute_data(sub.tags, sub.metadata)
+        if scheduled:
+            attributes["scheduled_at"] = format_time(due_at)
         cur = conn.execute(
             Q["insert_message"],
             {
@@ -131,6 +270,10 @@ class _AcceptJob:
                 "subject": self.subject,
                 "size": len(self.content),
                 "body": self.content,
+                "tags": json.dumps([t.to_json() for t in sub.tags]),
+                "metadata": json.dumps(dict(sub.metadata)),
+                "message_type": sub.message_type.value,
+                "scheduled_at": sub.scheduled_at,
             },
         )
         seq = cur.lastrowid
@@ -141,9 +284,9 @@ class _AcceptJob:
                     "message_seq": seq,
                     "email": email,
                     "domain": domain,
-                    "status": RecipientStatus.QUEUED.value,
-                    "priority": 0,
-                    "due_at": now,
+                    "status": status.value,
+                    "priority": sub.priority.rank,
+                    "due_at": due_at,
                     "now": now,
                 }
                 for email, domain in self.units
@@ -153,13 +296,22 @@ class _AcceptJob:
             conn,
             (
                 NewEvent(
-                    type=EventType.EMAIL_QUEUED,
+                    type=event,
                     message_seq=seq,
                     recipient=email,
-                    data={"message_id": self.id, "recipient": email},
+                    data={"message_id": self.id, "recipient": email, **attributes},
                 )
                 for email, _ in self.units
             ),
             now,
         )
-        return Accepted(id=self.id, created_at=now, status=MessageStatus.QUEUED)
+        accepted = Accepted(id=self.id, created_at=now, status=MessageStatus(status.value))
+        if sub.idempotency is not None:
+            idempotency.record(
+                conn,
+                idempotency.scope_of(sub.principal),
+                sub.idempotency,
+                accepted,
+                self.idempotency_ttl,
+            )
+        return accepted

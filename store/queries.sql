@@ -1,14 +1,16 @@
 -- Every SQL statement Postroom runs, by name (`-- name: NAME`). Loaded once by store/sql.py.
 
 -- name: insert_key
-INSERT INTO api_keys (id, name, digest, hint, scope, created_at)
-VALUES (:id, :name, :digest, :hint, :scope, :now);
+INSERT INTO api_keys (id, name, digest, hint, scope, created_at, sender_domains)
+VALUES (:id, :name, :digest, :hint, :scope, :now, :sender_domains);
 
 -- name: key_by_digest
-SELECT id, name, digest, hint, scope, created_at, revoked_at FROM api_keys WHERE digest = :digest;
+SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains
+FROM api_keys WHERE digest = :digest;
 
 -- name: list_keys
-SELECT id, name, digest, hint, scope, created_at, revoked_at FROM api_keys ORDER BY created_at, id;
+SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains
+FROM api_keys ORDER BY created_at, id;
 
 -- name: revoke_key
 UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL;
@@ -17,8 +19,10 @@ UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL;
 SELECT 1 FROM api_keys WHERE id = :id;
 
 -- name: insert_message
-INSERT INTO messages (id, created_at, source, api_key_id, mail_from, from_header, subject, size, body)
-VALUES (:id, :now, :source, :api_key_id, :mail_from, :from_header, :subject, :size, :body);
+INSERT INTO messages (id, created_at, source, api_key_id, mail_from, from_header, subject, size,
+                      body, tags, metadata, message_type, scheduled_at)
+VALUES (:id, :now, :source, :api_key_id, :mail_from, :from_header, :subject, :size, :body,
+        :tags, :metadata, :message_type, :scheduled_at);
 
 -- name: insert_recipient
 INSERT INTO recipients (message_seq, email, domain, status, priority, due_at, updated_at)
@@ -75,7 +79,8 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, mail_from, body FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+SELECT seq, id, mail_from, body, tags, metadata
+FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
 UPDATE recipients
@@ -238,3 +243,24 @@ SELECT :seq, e.id, 'pending', :due_at, :now, :now FROM events e
 WHERE e.id >= :from_id AND e.created_at >= :since
   AND EXISTS (SELECT 1 FROM json_each(:event_types) WHERE value IN ('*', e.type))
 ORDER BY e.id LIMIT :limit;
+-- ==== send surface: sender domains, message attributes, idempotency ====
+
+
+-- name: idempotency_insert
+-- An expired row under the same key is replaced; a live one makes the insert change nothing.
+INSERT INTO idempotency_keys (api_key_id, key, fingerprint, message_id, status, created_at)
+VALUES (:api_key_id, :key, :fingerprint, :message_id, :status, :now)
+ON CONFLICT (api_key_id, key) DO UPDATE
+SET fingerprint = excluded.fingerprint, message_id = excluded.message_id,
+    status = excluded.status, created_at = excluded.created_at
+WHERE idempotency_keys.created_at < :cutoff;
+
+-- name: idempotency_purge
+-- Drop a bounded number of expired rows; called with every write that stores keys.
+DELETE FROM idempotency_keys
+WHERE rowid IN (SELECT rowid FROM idempotency_keys WHERE created_at < :cutoff LIMIT 500);
+
+-- name: idempotency_lookup_many
+SELECT key, fingerprint, message_id, status, created_at FROM idempotency_keys
+WHERE api_key_id = :api_key_id AND key IN (SELECT value FROM json_each(:keys))
+  AND created_at >= :cutoff;

@@ -98,6 +98,54 @@ class Source(StrEnum):
     API = "api"
 
 
+class MessageType(StrEnum):
+    TRANSACTIONAL = "transactional"
+    MARKETING = "marketing"
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """The stored `recipients.priority`: delivery claims higher ranks first."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.HIGH: 10, Priority.NORMAL: 0, Priority.LOW: -10}
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    """A tag on a message: a bare name, or a name with a value."""
+
+    name: str
+    value: str | None = None
+
+    def to_json(self) -> object:
+        return self.name if self.value is None else {"name": self.name, "value": self.value}
+
+    @classmethod
+    def from_json(cls, data: object) -> Tag:
+        if isinstance(data, dict):
+            return cls(str(data["name"]), str(data["value"]))
+        return cls(str(data))
+
+
+def tags_from_json(text: str) -> tuple[Tag, ...]:
+    return tuple(Tag.from_json(item) for item in json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's idempotency key and the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str
@@ -106,6 +154,7 @@ class ApiKey:
     scope: Scope
     created_at: float
     revoked_at: float | None
+    sender_domains: tuple[str, ...] = ()
 
     @property
     def is_revoked(self) -> bool:
@@ -120,6 +169,7 @@ class ApiKey:
             scope=Scope(row["scope"]),
             created_at=row["created_at"],
             revoked_at=row["revoked_at"],
+            sender_domains=tuple(json.loads(row["sender_domains"])),
         )
 
 
@@ -138,6 +188,12 @@ class Principal:
     key_id: str
     name: str
     scope: Scope
+    #: ASCII (IDNA) lower-case domains this key may send from; empty: any domain.
+    sender_domains: tuple[str, ...] = ()
+
+    def may_send_from(self, domain: str) -> bool:
+        """Whether this key may use `domain` (ASCII, lower case) as a sender domain."""
+        return not self.sender_domains or domain in self.sender_domains
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +205,13 @@ class Submission:
     content: bytes
     source: Source
     principal: Principal | None = None
+    tags: tuple[Tag, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    message_type: MessageType = MessageType.TRANSACTIONAL
+    priority: Priority = Priority.NORMAL
+    #: UNIX time before which no delivery is attempted; None: deliver now.
+    scheduled_at: float | None = None
+    idempotency: IdempotencyKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +371,8 @@ class DeliveryJob:
     mail_from: str
     content: bytes
     recipients: tuple[Recipient, ...]
+    tags: tuple[Tag, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

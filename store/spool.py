@@ -22,9 +22,9 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import intake, webhooks
+from store import idempotency, intake, webhooks
 from store.db import connect_reader, connect_writer
-from store.errors import NotFound, SpoolClosed
+from store.errors import IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
@@ -36,6 +36,7 @@ from store.records import (
     Event,
     EventFilter,
     EventType,
+    IdempotencyKey,
     Message,
     NewEvent,
     NewKey,
@@ -51,6 +52,7 @@ from store.records import (
     WebhookDelivery,
     WebhookEndpoint,
     WebhookOutcome,
+    tags_from_json,
 )
 from store.sql import Q
 from store.writer import Writer
@@ -89,7 +91,9 @@ class Spool:
         self._limits = intake.IntakeLimits(
             max_message_size=settings.smtp.max_message_size,
             max_recipients=settings.smtp.max_recipients,
+            idempotency_ttl=settings.api.idempotency_ttl,
         )
+        self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
         self._key_secret = secret.get_secret_value().encode() if secret else None
         self._closed = False
@@ -145,8 +149,15 @@ class Spool:
             return hmac.new(self._key_secret, secret.encode(), hashlib.sha256).digest()
         return hashlib.sha256(secret.encode()).digest()
 
-    async def create_key(self, name: str, scope: Scope) -> NewKey:
-        """Create a key; its secret is returned once and stored only as a digest."""
+    async def create_key(
+        self, name: str, scope: Scope, sender_domains: Iterable[str] = ()
+    ) -> NewKey:
+        """Create a key; its secret is returned once and stored only as a digest.
+
+        With `sender_domains`, the key may send only from those domains (ValueError for a name
+        that is not a domain).
+        """
+        domains = tuple(dict.fromkeys(intake.normalise_domain(d) for d in sender_domains))
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(
             id=new_id("key"),
@@ -155,6 +166,7 @@ class Spool:
             scope=scope,
             created_at=time.time(),
             revoked_at=None,
+            sender_domains=domains,
         )
         digest = self._digest(secret)
 
@@ -168,6 +180,7 @@ class Spool:
                     "hint": key.hint,
                     "scope": key.scope.value,
                     "now": key.created_at,
+                    "sender_domains": json.dumps(list(key.sender_domains)),
                 },
             )
 
@@ -199,7 +212,9 @@ class Spool:
         key = ApiKey.from_row(row)
         if key.is_revoked:
             return None
-        return Principal(key_id=key.id, name=key.name, scope=key.scope)
+        return Principal(
+            key_id=key.id, name=key.name, scope=key.scope, sender_domains=key.sender_domains
+        )
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -209,6 +224,13 @@ class Spool:
         self.work_available.set()
         self.notify_events()
         return accepted
+
+    async def accept_many(self, submissions: Sequence[Submission]) -> list[Accepted | StoreError]:
+        """Store many messages, each accepted or refused alone; results in the given order."""
+        results = await intake.accept_many(self._writer, submissions, self._limits)
+        if any(isinstance(r, Accepted) for r in results):
+            self.work_available.set()
+        return results
 
     # -- reading messages -------------------------------------------------------------------
 
@@ -317,6 +339,7 @@ class Spool:
                 if cur.rowcount == 0:  # no longer ours (released or already final)
                     continue
                 data: dict[str, object] = {"message_id": job.message_id, "recipient": rcpt.email}
+                data.update(intake.attribute_data(job.tags, job.metadata))
                 if reply is not None:
                     data["reply"] = {
                         "code": reply.code, "enhanced": reply.enhanced, "text": reply.text
@@ -499,6 +522,48 @@ class Spool:
         return count
 
 
+    # -- idempotency ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold_idempotency_keys(
+        self,
+        principal: Principal | None,
+        keys: Sequence[IdempotencyKey | None],
+        now: float | None = None,
+    ) -> AsyncIterator[list[idempotency.Verdict]]:
+        """Hold idempotency keys while the caller works; yield a verdict per key.
+
+        None: go ahead (accept with the key in the `Submission`); an `Accepted`: replay that
+        answer; an `IdempotencyConflict`: refuse. The keys are released on leaving the block, so
+        a request that fails before its message is stored leaves its key unused.
+        """
+        scope = idempotency.scope_of(principal)
+        taken = self._in_flight.hold(scope, keys)
+        held = [k if ok else None for k, ok in zip(keys, taken, strict=True)]
+        try:
+            verdicts: list[idempotency.Verdict] = [
+                None if ok else IdempotencyConflict(IdempotencyConflict.IN_PROGRESS)
+                for ok in taken
+            ]
+            wanted = [k.key for k in held if k is not None]
+            if wanted:
+                at = time.time() if now is None else now
+                params = {
+                    "api_key_id": scope,
+                    "keys": json.dumps(wanted),
+                    "cutoff": at - self._limits.idempotency_ttl,
+                }
+                async with self._read() as conn:
+                    async with conn.execute(Q["idempotency_lookup_many"], params) as cur:
+                        rows = {row["key"]: row for row in await cur.fetchall()}
+                for index, key in enumerate(held):
+                    if key is not None:
+                        verdicts[index] = idempotency.judge(key, rows.get(key.key))
+            yield verdicts
+        finally:
+            self._in_flight.release(scope, held)
+
+
 def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
     if not claimed:
         return []
@@ -518,6 +583,9 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             mail_from=messages[seq]["mail_from"],
             content=bytes(messages[seq]["body"]),
             recipients=tuple(rcpts),
+            tags=tags_from_json(messages[seq]["tags"]),
+            metadata=json.loads(messages[seq]["metadata"]),
         )
         for (seq, domain), rcpts in groups.items()
     ]
+

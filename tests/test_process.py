@@ -155,3 +155,18 @@ async def test_sigkill_after_ack_loses_nothing(
         postroom_cli, config, "queue", "list", "--status", "delivered", "--json"
     )
     assert len(json.loads(listed.stdout)) == 10
+
+
+def test_keys_create_with_sender_domains(tmp_path: Path):
+    config = write_config(tmp_path / "postroom.toml", {"server": {"data_dir": "var"}})
+    postroom_cli(config, "init", "--data-dir", "var")
+    created = json.loads(postroom_cli(
+        config, "keys", "create", "--name", "shop", "--sender-domain", "Shop.test",
+        "--sender-domain", "bücher.test", "--json",
+    ).stdout)
+    assert created["sender_domains"] == ["shop.test", "xn--bcher-kva.test"]
+    [listed] = json.loads(postroom_cli(config, "keys", "list", "--json").stdout)
+    assert listed["sender_domains"] == ["shop.test", "xn--bcher-kva.test"]
+    bad = postroom_cli(config, "keys", "create", "--name", "x", "--sender-domain", "a..b",
+                       check=False)
+    assert bad.returncode == 1 and "--sender-domain" in bad.stderr and "Traceback" not in bad.stderr

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from config import Settings
 from store import (
+    Accepted,
+    IdempotencyConflict,
+    IdempotencyKey,
     NotFound,
     PolicyRejected,
     RecipientStatus,
@@ -156,3 +160,58 @@ async def test_key_hash_secret_changes_the_digest(tmp_path: Path):
 def test_migrations_are_numbered_without_gaps():
     versions = [m.version for m in migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_restricted_key_checks_envelope_sender_and_from_header(spool: Spool):
+    new = await spool.create_key("acme", Scope.SEND, ["acme.test"])
+    principal = await spool.authenticate(new.secret)
+    assert principal is not None and principal.sender_domains == ("acme.test",)
+    ok = Submission("a@ACME.test", ("u@example.test",), CONTENT, Source.SMTP, principal)
+    assert (await spool.accept(ok)).id.startswith("msg_")
+    forged = CONTENT.replace(b"From: a@acme.test", b"From: boss@evil.test")
+    for bad in (
+        Submission("a@evil.test", ("u@example.test",), CONTENT, Source.SMTP, principal),
+        Submission("a@acme.test", ("u@example.test",), forged, Source.SMTP, principal),
+        Submission("", ("u@example.test",), b"Subject: s\r\n\r\nx\r\n", Source.SMTP, principal),
+    ):
+        with pytest.raises(PolicyRejected) as excinfo:
+            await spool.accept(bad)
+        assert excinfo.value.slug == "sender_not_allowed"
+
+
+async def test_accept_many_refuses_items_alone_and_commits_the_rest(
+    tmp_path: Path, spool: Spool
+):
+    key = IdempotencyKey("k", b"fingerprint")
+    results = await spool.accept_many(
+        [
+            submission("a@example.test"),
+            submission("no-at-sign"),
+            replace(submission("b@example.test"), idempotency=key),
+            replace(submission("c@example.test"), idempotency=key),  # the key is taken by now
+        ]
+    )
+    assert isinstance(results[0], Accepted) and isinstance(results[2], Accepted)
+    assert isinstance(results[1], PolicyRejected)
+    assert isinstance(results[3], IdempotencyConflict)
+    assert spool_rows(tmp_path, "messages") == 2
+    assert spool_rows(tmp_path, "recipients") == 2
+    assert spool_rows(tmp_path, "idempotency_keys") == 1
+
+
+async def test_idempotency_verdicts_and_expiry(spool: Spool):
+    key = IdempotencyKey("k", b"one")
+    async with spool.hold_idempotency_keys(None, [key]) as [verdict]:
+        assert verdict is None
+        async with spool.hold_idempotency_keys(None, [key]) as [inner]:
+            assert isinstance(inner, IdempotencyConflict)
+            assert inner.slug == IdempotencyConflict.IN_PROGRESS
+        accepted = await spool.accept(replace(submission(), idempotency=key))
+    async with spool.hold_idempotency_keys(None, [key, IdempotencyKey("k", b"two")]) as found:
+        assert found[0] == accepted
+        assert isinstance(found[1], IdempotencyConflict)  # the same key twice: in progress
+    async with spool.hold_idempotency_keys(None, [IdempotencyKey("k", b"two")]) as [other]:
+        assert isinstance(other, IdempotencyConflict) and other.slug == "idempotency_key_reused"
+    later = accepted.created_at + 86400 + 1
+    async with spool.hold_idempotency_keys(None, [key], now=later) as [expired]:
+        assert expired is None
