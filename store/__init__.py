@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from store.errors import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
 from store.intake import domain_of
+from store.observer import NullObserver, SpoolObserver
 from store.records import (
     Accepted,
     ApiKey,
@@ -19,6 +20,7 @@ from store.records import (
     NewKey,
     Outcome,
     Principal,
+    QueueSummary,
     Recipient,
     RecipientStatus,
     Reply,
@@ -41,9 +43,11 @@ __all__ = [
     "MessageStatus",
     "NewKey",
     "NotFound",
+    "NullObserver",
     "Outcome",
     "PolicyRejected",
     "Principal",
+    "QueueSummary",
     "Recipient",
     "RecipientStatus",
     "Reply",
@@ -51,6 +55,7 @@ __all__ = [
     "Source",
     "Spool",
     "SpoolClosed",
+    "SpoolObserver",
     "StorageFull",
     "StoreError",
     "Submission",

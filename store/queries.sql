@@ -75,7 +75,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, mail_from, body FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+SELECT seq, id, created_at, mail_from, body FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
 UPDATE recipients
@@ -96,3 +96,14 @@ UPDATE recipients
 SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
     due_at = :now, updated_at = :now
 WHERE id = :id AND status = 'sending';
+
+-- ==== operations: queue summary ====
+
+-- name: pending_by_status
+-- Pending units (due_at is set exactly while a unit is pending, so recipients_due covers them),
+-- counted per status, with the oldest message among them (seq grows with acceptance time).
+SELECT status, count(*) AS units, min(message_seq) AS oldest_seq
+FROM recipients WHERE due_at IS NOT NULL GROUP BY status;
+
+-- name: message_queued_at
+SELECT created_at FROM messages WHERE seq = :seq;

@@ -295,6 +295,7 @@ class DeliveryJob:
     mail_from: str
     content: bytes
     recipients: tuple[Recipient, ...]
+    queued_at: float = 0.0  # when the message was accepted (the queued-to-delivered latency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,3 +307,11 @@ class Outcome:
     reply: Reply | None
     due_at: float | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """Pending delivery units by status, and when the oldest pending unit's message was queued."""
+
+    counts: Mapping[RecipientStatus, int]
+    oldest_queued_at: float | None

@@ -27,6 +27,7 @@ from store.db import connect_reader, connect_writer
 from store.errors import NotFound, SpoolClosed
 from store.ids import new_id
 from store.migrate import apply_migrations
+from store.observer import NullObserver, SpoolObserver
 from store.records import (
     Accepted,
     ApiKey,
@@ -37,6 +38,7 @@ from store.records import (
     NewKey,
     Outcome,
     Principal,
+    QueueSummary,
     Recipient,
     RecipientStatus,
     Scope,
@@ -84,6 +86,7 @@ class Spool:
         self._key_secret = secret.get_secret_value().encode() if secret else None
         self._closed = False
         self._rotation = 0
+        self._observer: SpoolObserver = NullObserver()
         #: Set after every commit that makes delivery work due; the engine waits on it.
         self.work_available = asyncio.Event()
 
@@ -196,6 +199,7 @@ class Spool:
         """Store a message durably; returns after COMMIT, so the caller may acknowledge it."""
         accepted = await intake.accept(self._writer, submission, self._limits)
         self.work_available.set()
+        self._observer.accepted(submission, accepted)
         return accepted
 
     # -- reading messages -------------------------------------------------------------------
@@ -322,6 +326,7 @@ class Spool:
                 )
 
         await self._writer.run(write)
+        self._observer.recorded(job, outcomes, time.time())
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
             self.work_available.set()
 
@@ -353,6 +358,34 @@ class Spool:
 
         await self._writer.run(job)
 
+    # -- operations ---------------------------------------------------------------------------
+
+    def observe(self, observer: SpoolObserver) -> None:
+        """Report commits, acceptances and outcomes to `observer` (store/observer.py)."""
+        self._observer = observer
+        self._writer.observer = observer
+
+    async def queue_summary(self) -> QueueSummary:
+        """Pending units by status and the oldest one's queue time: one short read."""
+        counts = {s: 0 for s in RecipientStatus if not s.is_final}
+        oldest_seq: int | None = None
+        async with self._read() as conn:
+            await conn.execute("BEGIN")
+            try:
+                async with conn.execute(Q["pending_by_status"]) as cur:
+                    for row in await cur.fetchall():
+                        counts[RecipientStatus(row["status"])] = row["units"]
+                        if oldest_seq is None or row["oldest_seq"] < oldest_seq:
+                            oldest_seq = row["oldest_seq"]
+                oldest_at: float | None = None
+                if oldest_seq is not None:
+                    async with conn.execute(Q["message_queued_at"], {"seq": oldest_seq}) as cur:
+                        found = await cur.fetchone()
+                    oldest_at = found["created_at"] if found is not None else None
+            finally:
+                await conn.execute("COMMIT")
+        return QueueSummary(counts=counts, oldest_queued_at=oldest_at)
+
 
 def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
     if not claimed:
@@ -373,6 +406,7 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             mail_from=messages[seq]["mail_from"],
             content=bytes(messages[seq]["body"]),
             recipients=tuple(rcpts),
+            queued_at=messages[seq]["created_at"],
         )
         for (seq, domain), rcpts in groups.items()
     ]
