@@ -192,6 +192,10 @@ class StorageSettings(Section):
     busy_timeout: Duration = 10.0
 
 
+class LogSettings(Section):
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     """Every setting, by section; `config_path` is where the file was (or would be) read."""
 
@@ -199,7 +203,7 @@ class Settings(BaseSettings):
         env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
     sections: ClassVar[tuple[str, ...]] = (
-        "server", "smtp", "api", "delivery", "storage",
+        "server", "smtp", "api", "delivery", "storage", "log",
     )
 
     server: ServerSettings = ServerSettings()
@@ -207,6 +211,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     delivery: DeliverySettings = DeliverySettings()
     storage: StorageSettings = StorageSettings()
+    log: LogSettings = LogSettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod
