@@ -10,12 +10,12 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors, messages
-from api.types import AppState, ReadinessProbe
+from api.types import AppState, MetricsExporter, ReadinessProbe
 from config import Settings
 from store import Spool, StoreError
 
@@ -30,6 +30,18 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, unauthenticated like the probes (restrict who reaches api.listen)."""
+    state: AppState = request.app.state.postroom
+    if state.metrics is None:
+        raise errors.NotFoundError()
+    return Response(await state.metrics.render(), media_type=state.metrics.content_type)
+
+
+# Paths that keep answering while the service stops: probes, and metrics to watch the drain.
+_ALWAYS_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class ShutdownGate:
     """Refuse new requests with 503 once the service is stopping (probes still answer)."""
 
@@ -41,7 +53,7 @@ class ShutdownGate:
         if (
             scope["type"] == "http"
             and self.readiness.is_stopping
-            and scope["path"] not in ("/healthz", "/readyz")
+            and scope["path"] not in _ALWAYS_OPEN
         ):
             response = errors.render(errors.ServiceUnavailable())
             await response(scope, receive, send)
@@ -49,10 +61,16 @@ class ShutdownGate:
         await self.app(scope, receive, send)
 
 
-def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> Starlette:
+def create_app(
+    spool: Spool,
+    settings: Settings,
+    readiness: ReadinessProbe,
+    metrics_exporter: MetricsExporter | None = None,
+) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
     ]
@@ -65,6 +83,8 @@ def create_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> S
             Exception: errors.handle_unexpected,
         },
     )
-    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    app.state.postroom = AppState(
+        spool=spool, settings=settings, readiness=readiness, metrics=metrics_exporter
+    )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

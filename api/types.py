@@ -19,8 +19,18 @@ class ReadinessProbe(Protocol):
     def is_stopping(self) -> bool: ...
 
 
+class MetricsExporter(Protocol):
+    """What `GET /metrics` serves; the service provides it (Prometheus text format)."""
+
+    @property
+    def content_type(self) -> str: ...
+
+    async def render(self) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AppState:
     spool: Spool
     settings: Settings
     readiness: ReadinessProbe
+    metrics: MetricsExporter | None = None
