@@ -138,3 +138,21 @@ async def test_queue_summary_is_cached_between_scrapes():
         text = (await metrics.render()).decode()
         assert len(calls) == expected_calls, advance
         assert f'postroom_queue_depth{{status="queued"}} {float(expected_calls)}' in text
+
+
+async def test_not_ready_while_the_spool_cannot_commit(postroom: Running):
+    spool = postroom.spool
+    key = await postroom.new_key()
+    pages = await spool._writer.run(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    # Reproduce a full disk: the writer's connection may not grow the file any further.
+    await spool._writer.run(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 2}"))
+    big = {"from": "app@acme.test", "to": "a@example.test", "subject": "big",
+           "text": "x" * 400_000}
+    async with postroom.http(key) as http:
+        assert (await http.post("/v1/messages", json=big)).status_code == 507
+        assert (await http.get("/readyz")).status_code == 503
+        samples = await scrape(postroom)
+        assert samples[("postroom_spool_commit_failures_total", ())] == 1
+        await spool._writer.run(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
+        assert (await http.post("/v1/messages", json=big)).status_code == 202
+        assert (await http.get("/readyz")).status_code == 200
