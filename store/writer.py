@@ -97,6 +97,7 @@ class Writer:
         conn = self._conn
         results: list[tuple[_Pending, Any, BaseException | None]] = []
         started = time.perf_counter()
+        changes_before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for pending in batch:
@@ -126,7 +127,10 @@ class Writer:
                 _resolve(pending, None, error)
             self._report(lambda: self.observer.commit_failed(len(batch)))
             return
-        self.is_healthy = True
+        if conn.total_changes != changes_before:
+            # Only a commit that wrote something proves the spool can commit again: the
+            # engine's empty claims keep committing on a full disk.
+            self.is_healthy = True
         elapsed = time.perf_counter() - started
         self._report(lambda: self.observer.committed(len(batch), elapsed))
         for pending, result, job_error in results:
