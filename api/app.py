@@ -10,13 +10,13 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors, events, messages, webhooks
 from api.recipient_domains import RecipientDomains, build_resolver
-from api.types import AppState, ReadinessProbe, WebhookGateway
+from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
 from config import Settings
 from store import Spool, StoreError
 
@@ -31,6 +31,18 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, unauthenticated like the probes (restrict who reaches api.listen)."""
+    state: AppState = request.app.state.postroom
+    if state.metrics is None:
+        raise errors.NotFoundError()
+    return Response(await state.metrics.render(), media_type=state.metrics.content_type)
+
+
+# Paths that keep answering while the service stops: probes, and metrics to watch the drain.
+_ALWAYS_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class ShutdownGate:
     """Refuse new requests with 503 once the service is stopping (probes still answer)."""
 
@@ -42,7 +54,7 @@ class ShutdownGate:
         if (
             scope["type"] == "http"
             and self.readiness.is_stopping
-            and scope["path"] not in ("/healthz", "/readyz")
+            and scope["path"] not in _ALWAYS_OPEN
         ):
             response = errors.render(errors.ServiceUnavailable())
             await response(scope, receive, send)
@@ -55,10 +67,12 @@ def create_app(
     settings: Settings,
     readiness: ReadinessProbe,
     gateway: WebhookGateway | None = None,
+    metrics_exporter: MetricsExporter | None = None,
 ) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
         Route("/v1/messages/batch", messages.send_batch, methods=["POST"]),
         Route("/v1/send", messages.send_compat, methods=["POST"]),
@@ -82,7 +96,12 @@ def create_app(
             build_resolver(settings), settings.api.recipient_domain_cache_size
         )
     app.state.postroom = AppState(
-        spool=spool, settings=settings, readiness=readiness, webhooks=gateway, domains=domains
+        spool=spool,
+        settings=settings,
+        readiness=readiness,
+        webhooks=gateway,
+        domains=domains,
+        metrics=metrics_exporter,
     )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

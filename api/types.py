@@ -26,6 +26,13 @@ class WebhookGateway(Protocol):
     async def check_url(self, url: str) -> UrlRefusal | None: ...
 
     async def send_test(self, endpoint: WebhookEndpoint) -> AttemptResult: ...
+class MetricsExporter(Protocol):
+    """What `GET /metrics` serves; the service provides it (Prometheus text format)."""
+
+    @property
+    def content_type(self) -> str: ...
+
+    async def render(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +43,4 @@ class AppState:
     webhooks: WebhookGateway | None = None  # None: the webhook routes answer 503
     #: None when `api.check_recipient_domains` is off.
     domains: RecipientDomains | None = None
+    metrics: MetricsExporter | None = None

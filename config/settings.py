@@ -241,6 +241,8 @@ class EventSettings(Section):
     stream_poll_interval: Duration = 1.0
     # A comment line keeps idle streams open through proxies.
     stream_keepalive: Duration = 15.0
+class LogSettings(Section):
+    format: Literal["text", "json"] = "text"
 
 
 class Settings(BaseSettings):
@@ -250,7 +252,7 @@ class Settings(BaseSettings):
         env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
     sections: ClassVar[tuple[str, ...]] = (
-        "server", "smtp", "api", "delivery", "storage", "webhooks", "events",
+        "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
     )
 
     server: ServerSettings = ServerSettings()
@@ -260,6 +262,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     webhooks: WebhookSettings = WebhookSettings()
     events: EventSettings = EventSettings()
+    log: LogSettings = LogSettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import ipaddress
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 
 from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
 from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
+from relay import logs
 from relay.egress import Egress
 from relay.egress import build_resolver as build_webhook_resolver
 from relay.service import Service, tls_paths
@@ -178,7 +178,7 @@ def write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
 def serve(ctx: click.Context) -> None:
     """Run Postroom: SMTP listeners, the HTTP API and the delivery engine."""
     settings = settings_of(ctx)
-    configure_logging(settings.server.log_level)
+    logs.configure(settings)
     if not settings.spool_path.exists():
         fail(f"no spool at {settings.spool_path}: run `postroom init` first")
     config_hint = f" --config {settings.config_path}" if settings.config_path else ""
@@ -195,18 +195,6 @@ def serve(ctx: click.Context) -> None:
         asyncio.run(Service(settings).run(on_ready=announce))
     except OSError as exc:
         fail(f"cannot start: {exc}")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # aiosmtpd logs every command at INFO and DATA lines (bodies) and AUTH continuations at
-    # DEBUG: never let it below WARNING, whatever the root level (STYLE.md gotcha 10).
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    # httpx logs every request URL at INFO; webhook URLs may carry credentials.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class DeliveryEngine:
                     per_destination=cfg.max_connections_per_destination,
                     lease=cfg.lease,
                 )
+            if jobs and self._stopping.is_set():  # stop() came during the claim: give it back
+                await self._spool.release(r.id for job in jobs for r in job.recipients)
+                break
             for job in jobs:
                 task = asyncio.create_task(self._attempt(job), name=f"deliver {job.message_id}")
                 self._running.add(task)

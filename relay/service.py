@@ -3,9 +3,11 @@
 Owns start-up (the spool, the SMTP listeners made with `loop.create_server`, uvicorn serving the
 API without its own signal handling, the delivery engine, the webhook dispatcher), supervision
 (every long-lived task is named and watched; one dying stops the service loudly), signals,
-readiness, and the shutdown
-order: stop taking new work → let in-flight attempts and webhook requests finish within
-`server.shutdown_timeout` → release the remaining leases → close the spool's writer last.
+readiness, systemd notifications (READY=1 once the spool is open and every listener bound,
+STOPPING=1, the watchdog), reloads (SIGHUP: relay/reload.py) and the shutdown order: stop taking
+new work (new SMTP sessions get `421 4.3.2`, new HTTP requests 503) → let in-flight SMTP
+transactions, delivery attempts and webhook requests finish within `server.shutdown_timeout` →
+release the remaining leases → close the spool's writer last.
 """
 
 from __future__ import annotations
@@ -13,21 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
+from cryptography import x509
 
 from api import create_app
-from config import Settings, parse_address
-from relay import egress
+from config import ConfigError, Settings, load_settings, parse_address
+from relay import egress, logs
 from relay.delivery import DeliveryEngine
+from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
+from relay.notify import Notifier
+from relay.reload import Apply, Prepare, Reloader, ReloadRefused
+from relay.sessions import Sessions
 from relay.submission import protocol_factory
 from relay.webhooks import WebhookDispatcher
-from store import Spool
+from store import Spool, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +73,28 @@ class Service:
     smtp_addresses: list[tuple[str, int]] = field(default_factory=list)
     api_address: tuple[str, int] | None = None
     spool: Spool | None = None
+    metrics: Metrics | None = None
+    sessions: Sessions | None = None
+    notifier: Notifier = field(default_factory=Notifier.from_environment)
+    reloader: Reloader = field(default_factory=Reloader)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tls: ssl.SSLContext | None = None
+    _background: set[asyncio.Task[bool]] = field(default_factory=set)
 
     def stop(self) -> None:
         """Ask the service to shut down (signal handlers and tests call this)."""
         self._stop.set()
+
+    def on_reload(self, name: str, fields: list[str], prepare: Prepare) -> None:
+        """Let a subsystem change live on SIGHUP (relay/reload.py describes the two steps)."""
+        self.reloader.register(name, fields, prepare)
+
+    def request_reload(self) -> None:
+        """Start a reload in the background (the SIGHUP handler)."""
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def run(self, *, handle_signals: bool = True, on_ready: object = None) -> None:
         """Start everything, run until `stop()` or a task dies, then shut down in order."""
@@ -77,6 +102,10 @@ class Service:
         settings = self.settings
         spool = await Spool.open(settings)
         self.spool = self.readiness.spool = spool
+        metrics = self.metrics = Metrics(spool.queue_summary)
+        spool.observe(metrics)
+        sessions = self.sessions = Sessions(metrics)
+        self._register_reload_hooks()
         smtp_servers: list[asyncio.Server] = []
         tasks: dict[str, asyncio.Task[None]] = {}
         api_server: _Server | None = None
@@ -88,16 +117,19 @@ class Service:
                 egress.build_resolver(settings), settings.webhooks.allow_private_networks
             ),
         )
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if handle_signals else ()
         try:
-            tls = load_tls_context(settings)
-            factory = protocol_factory(spool, settings, tls)
+            self._tls = tls = load_tls_context(settings)
+            factory = sessions.guard(protocol_factory(spool, settings, tls, sessions.make_smtp))
             for listen in settings.smtp.listen:
                 host, port = parse_address(listen)
                 server = await loop.create_server(factory, host, port)
                 smtp_servers.append(server)
                 self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
 
-            app = create_app(spool, settings, self.readiness, gateway=dispatcher)
+            app = create_app(
+                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics
+            )
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(
                 app, host=api_host, port=api_port, lifespan="off", access_log=False,
@@ -122,13 +154,19 @@ class Service:
                 logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",
                                recovered)
             tasks["webhooks"] = asyncio.create_task(dispatcher.run(), name="webhooks")
+            if self.notifier.watchdog_interval is not None:
+                tasks["watchdog"] = asyncio.create_task(
+                    self.notifier.run_watchdog(), name="watchdog"
+                )
 
-            if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.stop)
+            for sig in signals:
+                loop.add_signal_handler(
+                    sig, self.request_reload if sig == signal.SIGHUP else self.stop
+                )
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
             logger.info("postroom ready: smtp=%s api=%s:%s", smtp, *self.api_address)
+            self.notifier.ready(f"serving: smtp {smtp}, api {api_host}:{self.api_address[1]}")
             if callable(on_ready):
                 on_ready(self)
 
@@ -143,10 +181,13 @@ class Service:
                     logger.critical("task %s stopped unexpectedly: %r", name, exc)
                     raise RuntimeError(f"task {name} stopped unexpectedly") from exc
         finally:
-            await self._shutdown(spool, smtp_servers, api_server, engine, dispatcher, tasks)
-            if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
+                if sig == signal.SIGHUP:  # a reload during the drain is not wanted
                     loop.remove_signal_handler(sig)
+            await self._shutdown(spool, smtp_servers, api_server, engine, dispatcher, tasks)
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
 
     async def _shutdown(
         self,
@@ -157,28 +198,154 @@ class Service:
         dispatcher: WebhookDispatcher,
         tasks: dict[str, asyncio.Task[None]],
     ) -> None:
-        logger.info("postroom stopping")
-        self.readiness.is_stopping = True
+        loop = asyncio.get_running_loop()
         timeout = self.settings.server.shutdown_timeout
-        for server in smtp_servers:
-            server.close()  # no new SMTP sessions; sessions in progress finish below
-        if api_server is not None:
-            api_server.should_exit = True
+        deadline = loop.time() + timeout
+        logger.info("postroom stopping: finishing work in flight (at most %gs)", timeout)
+        self.notifier.stopping("finishing work in flight")
+        # 1. No new work: readiness false and HTTP 503 (the ShutdownGate), SMTP 421 (sessions).
+        self.readiness.is_stopping = True
+        drains = []
+        if self.sessions is not None and smtp_servers:
+            self.sessions.drain()
+            drains.append(self._drain_sessions(self.sessions, timeout))
+        # 2. In-flight SMTP transactions and delivery attempts finish within the timeout; the
+        #    engine gives back the leases of attempts it had to cut short.
         if engine is not None:
-            await engine.stop(timeout)
-        await dispatcher.stop(timeout)
+            drains.append(engine.stop(timeout))
+        drains.append(dispatcher.stop(timeout))
+        await asyncio.gather(*drains)
         for server in smtp_servers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), timeout)
+            server.close()
+        if api_server is not None:
+            remaining = max(1, math.ceil(deadline - loop.time()))
+            api_server.config.timeout_graceful_shutdown = remaining
+            api_server.should_exit = True
+        watchdog = tasks.pop("watchdog", None)
         for task in tasks.values():
             if not task.done():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), timeout)
+                    await asyncio.wait_for(
+                        asyncio.shield(task), max(1.0, deadline - loop.time())
+                    )
             if not task.done():
                 task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        # 3. No attempt runs now: a unit still leased is one nobody will finish.
+        try:
+            if released := await spool.recover_leases():
+                logger.info("released %d lease(s)", released)
+        except StoreError as exc:
+            logger.error("cannot release leases (they expire by themselves): %s", exc)
+        # 4. The writer last: it commits what is queued, then closes.
         await spool.close()
         logger.info("postroom stopped")
+
+    async def _drain_sessions(self, sessions: Sessions, timeout: float) -> None:  # noqa: ASYNC109
+        if await sessions.wait_closed(timeout):
+            return
+        logger.warning(
+            "%d SMTP session(s) still in a transaction after %gs: closing them", len(sessions),
+            timeout,
+        )
+        sessions.close_all()
+        await sessions.wait_closed(2.0)
+
+    # -- reload (SIGHUP) ----------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply what can change live; whether it was applied.
+
+        A config that does not load, or that a reload hook refuses, changes nothing: the reason
+        is logged and the running configuration stays.
+        """
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                return self._reload()
+            finally:
+                self.notifier.ready("serving")
+
+    def _reload(self) -> bool:
+        path = self.settings.config_path
+        if path is None:
+            logger.error("reload refused: Postroom was started without a config file")
+            return False
+        try:
+            new = load_settings(path, must_exist=True)
+        except ConfigError as exc:
+            logger.error(
+                "reload refused, the running config stays: %s", "; ".join(exc.problems)
+            )
+            return False
+        try:
+            plan = self.reloader.plan(self.settings, new)
+        except ReloadRefused as exc:
+            logger.error("reload refused, the running config stays: %s", exc)
+            return False
+        plan.apply()
+        self.settings = new
+        if plan.live:
+            logger.info("reloaded %s: %s", path, ", ".join(str(c) for c in plan.live))
+        else:
+            logger.info("reloaded %s: no live setting changed", path)
+        if plan.needs_restart:
+            logger.warning(
+                "changed, but only applied at the next restart: %s",
+                ", ".join(str(c) for c in plan.needs_restart),
+            )
+        return True
+
+    def _register_reload_hooks(self) -> None:
+        self.on_reload("logging", ["server.log_level", "log.format"], _prepare_logging)
+        # Read from self.settings when the shutdown begins.
+        self.on_reload("shutdown", ["server.shutdown_timeout"], lambda new: _nothing)
+        self.on_reload("tls", ["smtp.tls_cert", "smtp.tls_key"], self._prepare_tls)
+
+    def _prepare_tls(self, new: Settings) -> Apply:
+        """Load the certificate into a scratch context first; then into the live one.
+
+        The live context is the one every listener's sessions use for STARTTLS: OpenSSL copies
+        the certificate into each new connection, so the next handshake sees the new one and
+        sessions already encrypted keep theirs. Certificates renewed in place are picked up by
+        every reload, changed paths or not.
+        """
+        cert, key = tls_paths(new)
+        live = self._tls
+        if live is None:
+            if new.smtp.tls_cert is not None or cert.exists():
+                return lambda: logger.warning("TLS was off at start: restart to turn it on")
+            return _nothing
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReloadRefused(f"cannot load certificate {cert} with key {key}: {exc}") from None
+
+        def apply() -> None:
+            live.load_cert_chain(cert, key)
+            logger.info("TLS certificate loaded from %s%s", cert, _describe_certificate(cert))
+
+        return apply
+
+
+def _nothing() -> None:
+    pass
+
+
+def _prepare_logging(new: Settings) -> Apply:
+    return lambda: logs.apply(new)
+
+
+def _describe_certificate(path: Path) -> str:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return ""
+    expires = cert.not_valid_after_utc
+    return f" (subject {cert.subject.rfc4514_string()}, expires {expires:%Y-%m-%d})"
 
 
 def tls_paths(settings: Settings) -> tuple[Path, Path]:

@@ -169,9 +169,16 @@ def _policy_reply(exc: PolicyRejected) -> str:
 
 
 def protocol_factory(
-    spool: Spool, settings: Settings, tls_context: ssl.SSLContext | None
+    spool: Spool,
+    settings: Settings,
+    tls_context: ssl.SSLContext | None,
+    make_smtp: Callable[..., SMTP] = SMTP,
 ) -> Callable[[], asyncio.Protocol]:
-    """What `loop.create_server` needs: a new aiosmtpd SMTP protocol per connection."""
+    """What `loop.create_server` needs: a new aiosmtpd SMTP protocol per connection.
+
+    `make_smtp(handler, **options)` builds it; the service passes relay/sessions.py's, which
+    tracks sessions for the drain, the per-session log line and metrics.
+    """
     handler = SubmissionHandler(spool, settings)
     options: dict[str, Any] = {
         "hostname": settings.server.hostname,
@@ -186,6 +193,7 @@ def protocol_factory(
     }
 
     def factory() -> asyncio.Protocol:
-        return SMTP(handler, **options)
+        protocol: asyncio.Protocol = make_smtp(handler, **options)
+        return protocol
 
     return factory

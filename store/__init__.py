@@ -15,6 +15,7 @@ from store.errors import (
     StoreError,
 )
 from store.intake import domain_of, normalise_domain
+from store.observer import NullObserver, SpoolObserver
 from store.records import (
     ALL_EVENTS,
     Accepted,
@@ -34,6 +35,7 @@ from store.records import (
     Outcome,
     Principal,
     Priority,
+    QueueSummary,
     Recipient,
     RecipientStatus,
     Reply,
@@ -71,11 +73,13 @@ __all__ = [
     "NewKey",
     "NewWebhook",
     "NotFound",
+    "NullObserver",
     "OutboxStatus",
     "Outcome",
     "PolicyRejected",
     "Principal",
     "Priority",
+    "QueueSummary",
     "Recipient",
     "RecipientStatus",
     "Reply",
@@ -83,6 +87,7 @@ __all__ = [
     "Source",
     "Spool",
     "SpoolClosed",
+    "SpoolObserver",
     "StorageFull",
     "StoreError",
     "Submission",

@@ -79,7 +79,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, mail_from, body, tags, metadata
+SELECT seq, id, created_at, mail_from, body, tags, metadata
 FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
@@ -264,3 +264,13 @@ WHERE rowid IN (SELECT rowid FROM idempotency_keys WHERE created_at < :cutoff LI
 SELECT key, fingerprint, message_id, status, created_at FROM idempotency_keys
 WHERE api_key_id = :api_key_id AND key IN (SELECT value FROM json_each(:keys))
   AND created_at >= :cutoff;
+-- ==== operations: queue summary ====
+
+-- name: pending_by_status
+-- Pending units (due_at is set exactly while a unit is pending, so recipients_due covers them),
+-- counted per status, with the oldest message among them (seq grows with acceptance time).
+SELECT status, count(*) AS units, min(message_seq) AS oldest_seq
+FROM recipients WHERE due_at IS NOT NULL GROUP BY status;
+
+-- name: message_queued_at
+SELECT created_at FROM messages WHERE seq = :seq;

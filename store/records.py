@@ -373,6 +373,7 @@ class DeliveryJob:
     recipients: tuple[Recipient, ...]
     tags: tuple[Tag, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
+    queued_at: float = 0.0  # when the message was accepted (the queued-to-delivered latency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,3 +540,9 @@ class UrlRefusal:
 
     slug: str
     message: str
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """Pending delivery units by status, and when the oldest pending unit's message was queued."""
+
+    counts: Mapping[RecipientStatus, int]
+    oldest_queued_at: float | None

@@ -28,6 +28,7 @@ from store.errors import IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
+from store.observer import NullObserver, SpoolObserver
 from store.records import (
     Accepted,
     ApiKey,
@@ -43,6 +44,7 @@ from store.records import (
     NewWebhook,
     Outcome,
     Principal,
+    QueueSummary,
     Recipient,
     RecipientStatus,
     Scope,
@@ -98,6 +100,7 @@ class Spool:
         self._key_secret = secret.get_secret_value().encode() if secret else None
         self._closed = False
         self._rotation = 0
+        self._observer: SpoolObserver = NullObserver()
         #: Set after every commit that makes delivery work due; the engine waits on it.
         self.work_available = asyncio.Event()
         self._events_appended = asyncio.Event()
@@ -221,16 +224,25 @@ class Spool:
     async def accept(self, submission: Submission) -> Accepted:
         """Store a message durably; returns after COMMIT, so the caller may acknowledge it."""
         accepted = await intake.accept(self._writer, submission, self._limits)
-        self.work_available.set()
-        self.notify_events()
+        self._after_accept([(submission, accepted)])
         return accepted
 
     async def accept_many(self, submissions: Sequence[Submission]) -> list[Accepted | StoreError]:
         """Store many messages, each accepted or refused alone; results in the given order."""
         results = await intake.accept_many(self._writer, submissions, self._limits)
-        if any(isinstance(r, Accepted) for r in results):
-            self.work_available.set()
+        self._after_accept(
+            [(s, r) for s, r in zip(submissions, results, strict=True) if isinstance(r, Accepted)]
+        )
         return results
+
+    def _after_accept(self, accepted: Sequence[tuple[Submission, Accepted]]) -> None:
+        """After the commit: wake the engine and the event readers, tell the observer."""
+        if not accepted:
+            return
+        self.work_available.set()
+        self.notify_events()
+        for submission, result in accepted:
+            self._observer.accepted(submission, result)
 
     # -- reading messages -------------------------------------------------------------------
 
@@ -360,6 +372,7 @@ class Spool:
 
         await self._writer.run(write)
         self.notify_events()
+        self._observer.recorded(job, outcomes, time.time())
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
             self.work_available.set()
 
@@ -562,6 +575,33 @@ class Spool:
             yield verdicts
         finally:
             self._in_flight.release(scope, held)
+    # -- operations ---------------------------------------------------------------------------
+
+    def observe(self, observer: SpoolObserver) -> None:
+        """Report commits, acceptances and outcomes to `observer` (store/observer.py)."""
+        self._observer = observer
+        self._writer.observer = observer
+
+    async def queue_summary(self) -> QueueSummary:
+        """Pending units by status and the oldest one's queue time: one short read."""
+        counts = {s: 0 for s in RecipientStatus if not s.is_final}
+        oldest_seq: int | None = None
+        async with self._read() as conn:
+            await conn.execute("BEGIN")
+            try:
+                async with conn.execute(Q["pending_by_status"]) as cur:
+                    for row in await cur.fetchall():
+                        counts[RecipientStatus(row["status"])] = row["units"]
+                        if oldest_seq is None or row["oldest_seq"] < oldest_seq:
+                            oldest_seq = row["oldest_seq"]
+                oldest_at: float | None = None
+                if oldest_seq is not None:
+                    async with conn.execute(Q["message_queued_at"], {"seq": oldest_seq}) as cur:
+                        found = await cur.fetchone()
+                    oldest_at = found["created_at"] if found is not None else None
+            finally:
+                await conn.execute("COMMIT")
+        return QueueSummary(counts=counts, oldest_queued_at=oldest_at)
 
 
 def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
@@ -585,6 +625,7 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             recipients=tuple(rcpts),
             tags=tags_from_json(messages[seq]["tags"]),
             metadata=json.loads(messages[seq]["metadata"]),
+            queued_at=messages[seq]["created_at"],
         )
         for (seq, domain), rcpts in groups.items()
     ]

@@ -16,11 +16,13 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from store.errors import SpoolClosed, StorageFull, StoreError
+from store.observer import NullObserver, SpoolObserver
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class Writer:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self.is_healthy = True  # False after a failed commit, until one succeeds
+        #: Told about every group commit, on this writer's thread (store/observer.py).
+        self.observer: SpoolObserver = NullObserver()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
@@ -92,6 +96,8 @@ class Writer:
     def _commit(self, batch: list[_Pending]) -> None:
         conn = self._conn
         results: list[tuple[_Pending, Any, BaseException | None]] = []
+        started = time.perf_counter()
+        changes_before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for pending in batch:
@@ -119,10 +125,23 @@ class Writer:
             logger.error("spool commit of %d job(s) failed: %s", len(batch), exc)
             for pending in batch:
                 _resolve(pending, None, error)
+            self._report(lambda: self.observer.commit_failed(len(batch)))
             return
-        self.is_healthy = True
+        if conn.total_changes != changes_before:
+            # Only a commit that wrote something proves the spool can commit again: the
+            # engine's empty claims keep committing on a full disk.
+            self.is_healthy = True
+        elapsed = time.perf_counter() - started
+        self._report(lambda: self.observer.committed(len(batch), elapsed))
         for pending, result, job_error in results:
             _resolve(pending, result, job_error)
+
+    @staticmethod
+    def _report(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:  # watching must never stop the writer
+            logger.exception("spool observer failed")
 
     @staticmethod
     def _rollback_job(conn: sqlite3.Connection) -> None:

@@ -187,6 +187,7 @@ class Process:
     smtp_port: int
     api_url: str
     drain: threading.Thread
+    output: list[str]  # every line printed so far (stdout and stderr), kept by `drain`
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -211,15 +212,19 @@ def postroom_cli(config: Path, *args: str, check: bool = True) -> subprocess.Com
     )
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("POSTROOM_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
+    }
+    return env | (extra or {})
 
 
-def spawn_postroom(config: Path) -> Process:
-    """Start `postroom serve` and wait for the line that says where it listens."""
+def spawn_postroom(config: Path, env: dict[str, str] | None = None) -> Process:
+    """Start `postroom serve` (with `env` added) and wait for the line saying where it listens."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "--config", str(config), "serve"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(env),
     )
     assert proc.stdout is not None
     seen = []
@@ -227,15 +232,20 @@ def spawn_postroom(config: Path) -> Process:
         seen.append(line)
         if m := _LISTENING.search(line):
             # Keep draining the pipe so the child never blocks on a full buffer.
-            drain = threading.Thread(target=proc.stdout.read, daemon=True)
+            drain = threading.Thread(target=_keep, args=(proc.stdout, seen), daemon=True)
             drain.start()
-            return Process(proc, int(m.group(1)), m.group(2), drain)
+            return Process(proc, int(m.group(1)), m.group(2), drain, seen)
         if len(seen) > 200:
             break
     proc.kill()
     proc.wait()
     proc.stdout.close()
     raise AssertionError("postroom did not start:\n" + "".join(seen))
+
+
+def _keep(stream: Any, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

@@ -1,0 +1,124 @@
+"""Log output: one line per record on stderr, as text or JSON, journald-aware, never a secret.
+
+Owns the root handler `postroom serve` installs, its two formats (`log.format`), the level
+(`server.log_level`), both changeable live on SIGHUP, and the loggers that must never go below
+their floor whatever the root level: aiosmtpd's `mail.log` logs every command line at INFO and
+message bodies and AUTH continuations at DEBUG (STYLE.md gotcha 10), aiosqlite logs rows at DEBUG.
+Under systemd (`$JOURNAL_STREAM` names our stderr) the journal stamps the time itself, so lines
+carry no timestamp but a `<N>` syslog priority prefix instead, which journald turns into the
+entry's priority (`journalctl -p warning`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+from config import Settings
+
+# Loggers that would print bodies, AUTH data or rows below these levels.
+# httpx and httpcore log every request URL at INFO, and webhook URLs may carry credentials.
+FLOORS = {
+    "mail.log": logging.WARNING,
+    "aiosqlite": logging.INFO,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+}
+
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
+}
+
+_handler: logging.Handler | None = None
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-23 18:05:00,123 INFO relay.delivery: msg_…: to=<…> …`, or for the journal
+    `<6>relay.delivery: msg_…: to=<…> …`."""
+
+    def __init__(self, *, journal: bool) -> None:
+        fmt = "%(name)s: %(message)s"
+        super().__init__(fmt if journal else "%(asctime)s %(levelname)s " + fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return _prefix(record, text) if self.journal else text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601 UTC), level, logger, message and, if any, exc."""
+
+    def __init__(self, *, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        text = json.dumps(data, ensure_ascii=False)
+        return _prefix(record, text) if self.journal else text
+
+
+def _prefix(record: logging.LogRecord, text: str) -> str:
+    priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+    # A traceback spans lines: journald reads each line as an entry, each needs its prefix.
+    return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether `stream` is the journal's socket (systemd.exec(5), $JOURNAL_STREAM)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        stat = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+
+
+def formatter_for(settings: Settings, journal: bool) -> logging.Formatter:
+    if settings.log.format == "json":
+        return JsonFormatter(journal=journal)
+    return TextFormatter(journal=journal)
+
+
+def configure(settings: Settings, stream: TextIO | None = None) -> None:
+    """Install the one handler on the root logger (replacing ours if there was one)."""
+    global _handler
+    stream = sys.stderr if stream is None else stream
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter_for(settings, is_journal(stream)))
+    root.addHandler(handler)
+    _handler = handler
+    apply(settings)
+
+
+def apply(settings: Settings) -> None:
+    """Set the level and format of what `configure` installed (also on reload).
+
+    Without `configure` (Postroom embedded, as in tests) logging belongs to the host program.
+    """
+    if not isinstance(_handler, logging.StreamHandler):
+        return
+    _handler.setFormatter(formatter_for(settings, is_journal(_handler.stream)))
+    logging.getLogger().setLevel(settings.server.log_level)
+    for name, floor in FLOORS.items():
+        logging.getLogger(name).setLevel(max(floor, logging.getLogger().level))

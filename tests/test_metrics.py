@@ -1,0 +1,158 @@
+"""GET /metrics: the families, parsed by prometheus_client, moving as mail flows; log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import ssl
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.metrics import QUEUE_CACHE, Metrics
+from store import QueueSummary, RecipientStatus
+from tests.conftest import Running
+from tests.support import MxSink, wait_until
+
+FAMILIES = {
+    "postroom_messages_accepted": "counter",
+    "postroom_recipient_outcomes": "counter",
+    "postroom_delivery_latency_seconds": "histogram",
+    "postroom_queue_depth": "gauge",
+    "postroom_queue_oldest_age_seconds": "gauge",
+    "postroom_smtp_sessions": "counter",
+    "postroom_smtp_sessions_active": "gauge",
+    "postroom_smtp_auth_failures": "counter",
+    "postroom_spool_commit_batch_size": "histogram",
+    "postroom_spool_commit_seconds": "histogram",
+    "postroom_spool_commit_failures": "counter",
+}
+
+
+async def scrape(postroom: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with postroom.http() as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples = {}
+    families = {}
+    for family in text_string_to_metric_families(response.text):
+        families[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    for name, kind in FAMILIES.items():
+        assert families.get(name) == kind, name
+    return samples
+
+
+def send_over_smtp(port: int, tls: ssl.SSLContext, key: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as client:
+        client.starttls(context=tls)
+        client.ehlo()
+        client.user, client.password = "app", "pr_not-a-key"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.auth("PLAIN", client.auth_plain)  # one attempt (login() tries each mechanism)
+        client.login("app", key)
+        client.sendmail("app@acme.test", ["smtp@example.test"], b"Subject: m\r\n\r\nhi\r\n")
+
+
+async def test_metrics_families_move_as_mail_flows(
+    postroom: Running, mx_sink: MxSink, client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level(logging.INFO, logger="relay")
+    before = await scrape(postroom)
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        response = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": "http@example.test", "subject": "m", "text": "hi"})
+        assert response.status_code == 202
+    await asyncio.to_thread(send_over_smtp, postroom.smtp_port, client_tls, key)
+    await mx_sink.wait_for_messages(2)
+
+    async def delivered_twice() -> bool:
+        now = await scrape(postroom)
+        return now[("postroom_recipient_outcomes_total", (("status", "delivered"),))] == 2
+
+    await wait_until(delivered_twice)
+    after = await scrape(postroom)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("postroom_messages_accepted_total", source="api") == 1
+    assert moved("postroom_messages_accepted_total", source="smtp") == 1
+    assert moved("postroom_recipient_outcomes_total", status="delivered") == 2
+    assert moved("postroom_delivery_latency_seconds_count") == 2
+    assert moved("postroom_smtp_sessions_total") == 1
+    assert moved("postroom_smtp_auth_failures_total") == 1
+    assert after[("postroom_smtp_sessions_active", ())] == 0
+    assert moved("postroom_spool_commit_batch_size_count") >= 5  # key, 2 accepts, claims, outcomes
+    assert moved("postroom_spool_commit_seconds_count") >= 5
+
+    # One line for the SMTP session; neither the key nor a body in any line.
+    [line] = [r.getMessage() for r in caplog.records if r.name == "relay.sessions"]
+    assert line.startswith("smtp session from 127.0.0.1:")
+    assert "helo=client.test tls=yes auth=key_" in line
+    assert "accepted=1 auth_failures=1" in line
+    assert key not in caplog.text and "hi\r\n" not in caplog.text
+
+
+async def test_queue_gauges_show_pending_work(start, mx_sink: MxSink):
+    postroom = await start(delivery={"mx_port": 1})  # nothing answers: the unit stays pending
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        response = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": "stuck@example.test", "subject": "m", "text": "hi"})
+        assert response.status_code == 202
+    samples = await scrape(postroom)
+    depth = {labels[0][1]: value for (name, labels), value in samples.items()
+             if name == "postroom_queue_depth"}
+    assert set(depth) == {"scheduled", "queued", "sending", "deferred"}
+    assert sum(depth.values()) == 1
+    assert samples[("postroom_queue_oldest_age_seconds", ())] >= 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_queue_summary_is_cached_between_scrapes():
+    calls = []
+
+    async def summary() -> QueueSummary:
+        calls.append(1)
+        return QueueSummary(counts={RecipientStatus.QUEUED: len(calls)}, oldest_queued_at=None)
+
+    clock = FakeClock()
+    metrics = Metrics(summary, clock=clock)
+    cases = [(0.0, 1), (QUEUE_CACHE / 2, 1), (QUEUE_CACHE, 2), (0.1, 2), (QUEUE_CACHE * 3, 3)]
+    for advance, expected_calls in cases:
+        clock.now += advance
+        text = (await metrics.render()).decode()
+        assert len(calls) == expected_calls, advance
+        assert f'postroom_queue_depth{{status="queued"}} {float(expected_calls)}' in text
+
+
+async def test_not_ready_while_the_spool_cannot_commit(postroom: Running):
+    spool = postroom.spool
+    key = await postroom.new_key()
+    pages = await spool._writer.run(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    # Reproduce a full disk: the writer's connection may not grow the file any further.
+    await spool._writer.run(lambda conn: conn.execute(f"PRAGMA max_page_count={pages + 2}"))
+    big = {"from": "app@acme.test", "to": "a@example.test", "subject": "big",
+           "text": "x" * 400_000}
+    async with postroom.http(key) as http:
+        assert (await http.post("/v1/messages", json=big)).status_code == 507
+        assert (await http.get("/readyz")).status_code == 503
+        samples = await scrape(postroom)
+        assert samples[("postroom_spool_commit_failures_total", ())] == 1
+        await spool._writer.run(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
+        assert (await http.post("/v1/messages", json=big)).status_code == 202
+        assert (await http.get("/readyz")).status_code == 200
