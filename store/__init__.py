@@ -6,12 +6,13 @@ the typed records it takes and returns, and its errors.
 
 from __future__ import annotations
 
-from store.errors import NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
+from store.errors import Conflict, NotFound, PolicyRejected, SpoolClosed, StorageFull, StoreError
 from store.intake import domain_of
 from store.records import (
     Accepted,
     ApiKey,
     DeliveryJob,
+    DomainKeys,
     Event,
     EventType,
     Message,
@@ -25,6 +26,7 @@ from store.records import (
     Scope,
     Source,
     Submission,
+    Suppression,
     derive_message_status,
     format_event_id,
     format_time,
@@ -34,7 +36,9 @@ from store.spool import Spool, migrate
 __all__ = [
     "Accepted",
     "ApiKey",
+    "Conflict",
     "DeliveryJob",
+    "DomainKeys",
     "Event",
     "EventType",
     "Message",
@@ -54,6 +58,7 @@ __all__ = [
     "StorageFull",
     "StoreError",
     "Submission",
+    "Suppression",
     "derive_message_status",
     "domain_of",
     "format_event_id",

@@ -39,3 +39,7 @@ class PolicyRejected(StoreError):
         super().__init__(message)
         self.slug = slug
         self.field = field
+
+
+class Conflict(StoreError):
+    """The record already exists."""

@@ -18,12 +18,22 @@ from email.policy import default as default_policy
 
 from store.errors import PolicyRejected
 from store.ids import new_id
-from store.records import Accepted, EventType, MessageStatus, RecipientStatus, Submission
+from store.records import (
+    Accepted,
+    EventType,
+    RecipientStatus,
+    Submission,
+    derive_message_status,
+)
 from store.sql import Q
 from store.writer import Writer
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=default_policy)
+_INTAKE_EVENTS = {
+    RecipientStatus.QUEUED: EventType.EMAIL_QUEUED,
+    RecipientStatus.SUPPRESSED: EventType.EMAIL_SUPPRESSED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +137,13 @@ class _AcceptJob:
             },
         )
         seq = cur.lastrowid
+        # Suppressed addresses are recorded, never delivered (DESIGN: intake owns this policy).
+        emails = json.dumps([email.lower() for email, _ in self.units])
+        suppressed = {r[0] for r in conn.execute(Q["suppressed_among"], {"emails": emails})}
+        statuses = [
+            RecipientStatus.SUPPRESSED if email.lower() in suppressed else RecipientStatus.QUEUED
+            for email, _ in self.units
+        ]
         conn.executemany(
             Q["insert_recipient"],
             [
@@ -134,12 +151,12 @@ class _AcceptJob:
                     "message_seq": seq,
                     "email": email,
                     "domain": domain,
-                    "status": RecipientStatus.QUEUED.value,
+                    "status": status.value,
                     "priority": 0,
-                    "due_at": now,
+                    "due_at": now if status is RecipientStatus.QUEUED else None,
                     "now": now,
                 }
-                for email, domain in self.units
+                for (email, domain), status in zip(self.units, statuses, strict=True)
             ],
         )
         conn.executemany(
@@ -147,12 +164,12 @@ class _AcceptJob:
             [
                 {
                     "now": now,
-                    "type": EventType.EMAIL_QUEUED.value,
+                    "type": _INTAKE_EVENTS[status].value,
                     "message_seq": seq,
                     "recipient": email,
                     "data": json.dumps({"message_id": self.id, "recipient": email}),
                 }
-                for email, _ in self.units
+                for (email, _), status in zip(self.units, statuses, strict=True)
             ],
         )
-        return Accepted(id=self.id, created_at=now, status=MessageStatus.QUEUED)
+        return Accepted(id=self.id, created_at=now, status=derive_message_status(statuses))

@@ -75,7 +75,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, mail_from, body FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+SELECT seq, id, created_at, source, mail_from, body FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
 UPDATE recipients
@@ -96,3 +96,29 @@ UPDATE recipients
 SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
     due_at = :now, updated_at = :now
 WHERE id = :id AND status = 'sending';
+
+-- ==== delivery: DKIM domains ====
+
+-- name: insert_domain
+INSERT INTO domains (name, selector, rsa_key, ed25519_key, created_at)
+VALUES (:name, :selector, :rsa_key, :ed25519_key, :now);
+
+-- name: domain_exists
+SELECT 1 FROM domains WHERE name = :name;
+
+-- name: domain_keys
+SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains WHERE name = :name;
+
+-- ==== delivery: suppressions ====
+
+-- name: insert_suppression
+-- A no-op (rowcount 0) when the address is already suppressed.
+INSERT INTO suppressions (email, reason, code, enhanced, text, message_seq, created_at)
+VALUES (:email, :reason, :code, :enhanced, :text, :message_seq, :now)
+ON CONFLICT (email) DO NOTHING;
+
+-- name: suppressed_among
+SELECT email FROM suppressions WHERE email IN (SELECT value FROM json_each(:emails));
+
+-- name: suppression_by_email
+SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE email = :email;
