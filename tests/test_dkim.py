@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import dkim
 import dns.resolver
@@ -19,7 +21,7 @@ from relay.dkim import (
     txt_records,
 )
 from store import DomainKeys, RecipientStatus, Source, Submission
-from tests.conftest import Running
+from tests.conftest import Running, postroom_cli
 from tests.support import DnsServer, MxSink, wait_until
 
 HEADERS = (
@@ -168,3 +170,22 @@ async def test_mail_from_a_domain_without_keys_goes_unsigned(postroom: Running, 
     )
     [received] = await mx_sink.wait_for_messages(1)
     assert b"DKIM-Signature" not in received.data
+
+
+def test_cli_domains_add_prints_the_records(tmp_path: Path):
+    config = tmp_path / "postroom.toml"
+    postroom_cli(config, "init", "--data-dir", "var")
+    out = postroom_cli(config, "domains", "add", "Acme.Test.", "--selector", "s2",
+                       "--algorithm", "both", "--json")
+    data = json.loads(out.stdout)
+    assert data["domain"] == "acme.test"
+    names = [(r["name"], r["value"].split(";")[1].strip()) for r in data["dns"]]
+    assert names == [("s2._domainkey.acme.test", "k=rsa"),
+                     ("s2-ed25519._domainkey.acme.test", "k=ed25519")]
+    assert "PRIVATE" not in out.stdout + out.stderr
+    again = postroom_cli(config, "domains", "add", "acme.test", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad = postroom_cli(config, "domains", "add", "not a domain", check=False)
+    assert bad.returncode == 1 and "is not a domain name" in bad.stderr
+    bad = postroom_cli(config, "domains", "add", "b.test", "--algorithm", "ed25519", check=False)
+    assert bad.returncode == 2  # never ed25519 alone
