@@ -160,6 +160,23 @@ class ApiSettings(Section):
     recipient_domain_cache_size: int = Field(default=10_000, ge=1)
 
 
+class RouteSettings(Section):
+    """`[delivery.routes."example.com"]` (or `"*"`): send through a smarthost instead of MX."""
+
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    tls: Literal["opportunistic", "required", "verify", "implicit"] = "required"
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class DestinationSettings(Section):
+    """`[delivery.destinations."gmail.com"]`: pacing for one destination domain."""
+
+    max_connections: int | None = Field(default=None, ge=1)
+    message_rate: float | None = Field(default=None, ge=0)
+
+
 class DeliverySettings(Section):
     dns_nameservers: list[str] = []
     dns_timeout: Duration = 5.0
@@ -174,6 +191,52 @@ class DeliverySettings(Section):
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     attempt_timeout: Duration = 900.0
+    max_age: Duration = 5 * 86400.0
+    allow_private_mx: bool = True
+    tls: Literal["opportunistic", "required", "verify"] = "opportunistic"
+    tls_ca_file: Path | None = None
+    source_address: str | None = None
+    return_path: str | None = None
+    key_cache_ttl: Duration = 60.0
+    message_rate: float = Field(default=0.0, ge=0)
+    destination_backoff: Duration = 30.0
+    routes: dict[str, RouteSettings] = {}
+    destinations: dict[str, DestinationSettings] = {}
+
+    @field_validator("source_address")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @field_validator("routes", "destinations")
+    @classmethod
+    def _lower_domains(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {k.rstrip(".").lower(): v for k, v in value.items()}
+
+    def route_for(self, domain: str) -> RouteSettings | None:
+        """The smarthost route for a recipient domain: its own, else `"*"`, else None (MX)."""
+        return self.routes.get(domain) or self.routes.get("*")
+
+    def destination(self, domain: str) -> DestinationSettings:
+        """Pacing for one destination: its overrides over the delivery-wide values."""
+        override = self.destinations.get(domain)
+        return DestinationSettings(
+            max_connections=(
+                override.max_connections
+                if override and override.max_connections is not None
+                else self.max_connections_per_destination
+            ),
+            message_rate=(
+                override.message_rate
+                if override and override.message_rate is not None
+                else self.message_rate
+            ),
+        )
 
     @property
     def nameserver_addresses(self) -> list[tuple[str, int]]:

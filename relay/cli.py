@@ -14,7 +14,9 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -31,6 +33,7 @@ from relay.service import Service, tls_paths
 from relay.webhooks import WebhookDispatcher
 from store import (
     AttemptResult,
+    Conflict,
     Event,
     EventFilter,
     EventType,
@@ -78,7 +81,7 @@ def with_spool(settings: Settings, work: Callable[[Spool], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except NotFound as exc:
+    except (NotFound, Conflict) as exc:
         fail(str(exc))
     except StoreError as exc:
         fail(f"spool: {exc}")
@@ -350,6 +353,62 @@ def db_migrate(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     applied = migrate(settings.spool_path, settings.storage.busy_timeout)
     click.echo(", ".join(applied) if applied else "up to date")
+
+
+# -- domains ------------------------------------------------------------------------------------
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@cli.group()
+def domains() -> None:
+    """Sending domains and their DKIM keys."""
+
+
+@domains.command("add")
+@click.argument("name")
+@click.option("--selector", default="postroom", show_default=True, help="DKIM selector.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["rsa", "both"]),
+    default="rsa",
+    show_default=True,
+    help="rsa: RSA-2048; both: RSA-2048 and ed25519 (two signatures; never ed25519 alone).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_add(
+    ctx: click.Context, name: str, selector: str, algorithm: str, as_json: bool
+) -> None:
+    """Add a sending domain: generate its DKIM keys and print the TXT records to publish."""
+    from relay.dkim import generate_keys, txt_records
+
+    domain = name.rstrip(".").lower()
+    if not _DOMAIN.match(domain):
+        fail(f"{name!r} is not a domain name")
+    selector = selector.lower()
+    if not _SELECTOR.match(selector):
+        fail(f"{selector!r} is not a DKIM selector (letters, digits and '-')")
+    settings = settings_of(ctx)
+    keys = generate_keys(domain, selector, algorithm == "both", time.time())
+
+    async def add(spool: Spool) -> None:
+        await spool.add_domain(keys)
+
+    with_spool(settings, add)
+    records = [{"name": r.name, "type": "TXT", "value": r.value} for r in txt_records(keys)]
+    data = {"domain": domain, "selector": selector, "algorithm": algorithm, "dns": records}
+
+    def human() -> None:
+        click.echo(f"added {domain}; publish these DNS records, then mail From {domain} is signed:")
+        for record in records:
+            # Zone files hold at most 255 bytes per string; resolvers join the strings.
+            value = record["value"]
+            chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+            click.echo(f"{record['name']}. TXT {chunks}")
+
+    emit(data, as_json, human)
 
 
 def main() -> None:

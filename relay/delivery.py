@@ -1,11 +1,12 @@
 """The delivery engine (Postfix's qmgr): claim due units, attempt them, record the outcomes.
 
-Owns the loop that leases a bounded batch of due units from the spool (round-robin over
-destinations, at most `max_connections_per_destination` per destination per claim), runs one
-attempt per (message, destination) job under a global connection limit, and records each
-recipient's outcome with its event in one spool write. It wakes when intake commits new work and
-polls otherwise. On stop it lets running attempts finish within the shutdown timeout and gives
-every other lease back.
+Owns the loop that asks pacing what each destination may start now, leases exactly that from the
+spool (round-robin over destinations), and runs one attempt per (message, destination) job: route
+(smarthost from `delivery.routes`, else MX with loop and private-address screening), DKIM-sign
+with the From domain's keys, try hosts and addresses in order, then record each recipient's
+outcome with its event in one spool write. It wakes when intake commits new work or an attempt
+frees a slot, and polls otherwise. On stop it lets running attempts finish within the shutdown
+timeout and gives every other lease back.
 """
 
 from __future__ import annotations
@@ -14,28 +15,56 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
-from config import Settings
-from relay.mx import MxResolver
+from config import RouteSettings, Settings
+from relay.dkim import DkimError, KeyRing
+from relay.mx import MxResolver, screen
 from relay.outcome import decide
-from relay.transport import SessionResult, Timeouts, send
-from store import DeliveryJob, Outcome, Reply, Spool, StoreError
+from relay.pacing import Limits, Pacer
+from relay.transport import Envelope, SessionPolicy, SessionResult, Timeouts, send
+from store import DeliveryJob, Outcome, Reply, Source, Spool, StoreError
 
 logger = logging.getLogger(__name__)
+
+# Session failures that mean "no host of this destination could be reached".
+_UNREACHABLE = frozenset({"4.4.1", "4.4.2"})
 
 
 class DeliveryEngine:
     """Runs until `stop()`; one instance per service."""
 
-    def __init__(self, spool: Spool, settings: Settings, resolver: MxResolver) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        settings: Settings,
+        resolver: MxResolver,
+        own_listeners: Sequence[tuple[str, int]] = (),
+    ) -> None:
         self._spool = spool
         self._settings = settings
         self._resolver = resolver
+        self._own_listeners = tuple(own_listeners)
         cfg = settings.delivery
-        self._slots = asyncio.Semaphore(cfg.max_connections)
         self._timeouts = Timeouts(cfg.connect_timeout, cfg.command_timeout, cfg.data_timeout)
+        self._policy = SessionPolicy(
+            local_hostname=settings.server.hostname,
+            timeouts=self._timeouts,
+            tls=cfg.tls,
+            tls_ca_file=str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
+            source_address=cfg.source_address,
+        )
+        self._keys = KeyRing(spool.domain_keys, ttl=cfg.key_cache_ttl)
+        self._pacer = Pacer(
+            limits=lambda d: _limits(settings, d),
+            default=_limits(settings, ""),
+            overridden={d: _limits(settings, d) for d in cfg.destinations},
+            backoff=cfg.destination_backoff,
+            backoff_cap=min([cfg.destination_backoff, *cfg.retry_schedule]),
+        )
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
 
     async def run(self) -> None:
         cfg = self._settings.delivery
@@ -43,26 +72,35 @@ class DeliveryEngine:
             free = cfg.max_connections - len(self._running)
             jobs: list[DeliveryJob] = []
             if free > 0:
+                rooms, default_room = self._pacer.rooms()
                 self._spool.work_available.clear()
+                self._slot_freed.clear()
                 jobs = await self._spool.claim_due(
                     max_units=min(free, cfg.claim_batch),
-                    per_destination=cfg.max_connections_per_destination,
+                    per_destination=default_room,
                     lease=cfg.lease,
+                    rooms=rooms,
                 )
             if jobs and self._stopping.is_set():  # stop() came during the claim: give it back
                 await self._spool.release(r.id for job in jobs for r in job.recipients)
                 break
             for job in jobs:
+                self._pacer.started(job.destination)
                 task = asyncio.create_task(self._attempt(job), name=f"deliver {job.message_id}")
                 self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                task.add_done_callback(self._done)
             if jobs and len(self._running) < cfg.max_connections:
-                continue  # there may be more due work right now
+                continue  # there may be more due work that can start now
             await self._wait_for_work(cfg.poll_interval)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slot_freed.set()
 
     async def _wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
         waiters = [
             asyncio.ensure_future(self._spool.work_available.wait()),
+            asyncio.ensure_future(self._slot_freed.wait()),
             asyncio.ensure_future(self._stopping.wait()),
         ]
         try:
@@ -83,13 +121,14 @@ class DeliveryEngine:
 
     async def _attempt(self, job: DeliveryJob) -> None:
         result: SessionResult
+        unreachable = False
         try:
-            async with self._slots:
-                result = await asyncio.wait_for(
-                    self._deliver(job), self._settings.delivery.attempt_timeout
-                )
+            result, unreachable = await asyncio.wait_for(
+                self._deliver(job), self._settings.delivery.attempt_timeout
+            )
         except asyncio.CancelledError:
             # Shutdown cut the attempt short: the units go back, due now.
+            self._pacer.finished(job.destination, is_unreachable=False)
             await asyncio.shield(self._spool.release(r.id for r in job.recipients))
             raise
         except TimeoutError:
@@ -97,6 +136,7 @@ class DeliveryEngine:
         except Exception:
             logger.exception("%s: delivery attempt failed inside Postroom", job.message_id)
             result = _failed(Reply(451, "4.3.0", "internal error during delivery"))
+        self._pacer.finished(job.destination, is_unreachable=unreachable)
         outcomes = self._outcomes(job, result)
         try:
             await self._spool.record_outcomes(job, outcomes)
@@ -106,31 +146,77 @@ class DeliveryEngine:
             return
         self._log(job, outcomes, result)
 
-    async def _deliver(self, job: DeliveryJob) -> SessionResult:
-        route = await self._resolver.route(job.destination)
+    async def _deliver(self, job: DeliveryJob) -> tuple[SessionResult, bool]:
+        """The attempt's result, and whether no host of the destination could be reached."""
+        cfg = self._settings.delivery
+        envelope = Envelope(
+            mail_from=self._mail_from(job),
+            recipients=tuple((r.id, r.email) for r in job.recipients),
+            content=await self._sign(job),
+        )
+        smarthost = cfg.route_for(job.destination)
+        if smarthost is not None:
+            result = await send(
+                envelope, smarthost.host, smarthost.host, smarthost.port,
+                self._smarthost_policy(smarthost),
+            )
+            return result, _is_unreachable(result)
+        route = screen(
+            await self._resolver.route(job.destination),
+            self._settings.server.hostname,
+            self._own_listeners,
+            cfg.mx_port,
+            cfg.allow_private_mx,
+        )
         if route.failure is not None:
-            return _failed(route.failure)
+            return _failed(route.failure), False
         last: SessionResult | None = None
+        unreachable = True
         for host in route.hosts:
             for address in host.addresses:
-                last = await send(
-                    job,
-                    host.name,
-                    address,
-                    self._settings.delivery.mx_port,
-                    self._settings.server.hostname,
-                    self._timeouts,
-                )
+                last = await send(envelope, host.name, address, cfg.mx_port, self._policy)
+                unreachable = unreachable and _is_unreachable(last)
                 if last.failure is None:
-                    return last
+                    return last, False
                 if last.failure.code >= 500:
-                    return last  # a permanent refusal of the session is not the host's fault
+                    # A permanent refusal of the session is not the host's fault.
+                    return last, False
         assert last is not None
-        return last
+        return last, unreachable
+
+    def _mail_from(self, job: DeliveryJob) -> str:
+        """The envelope sender: `delivery.return_path` for API mail when set; `<>` stays."""
+        return_path = self._settings.delivery.return_path
+        if return_path and job.source is Source.API and job.mail_from:
+            return return_path
+        return job.mail_from
+
+    async def _sign(self, job: DeliveryJob) -> bytes:
+        """The bytes to send: signed with the From domain's keys, or as stored when it has none."""
+        signer = await self._keys.signer_for(job.content)
+        if signer is None:
+            return job.content
+        try:
+            return signer.sign(job.content)
+        except DkimError as exc:
+            logger.warning("%s: sent unsigned: %s", job.message_id, exc)
+            return job.content
+
+    def _smarthost_policy(self, route: RouteSettings) -> SessionPolicy:
+        return SessionPolicy(
+            local_hostname=self._settings.server.hostname,
+            timeouts=self._timeouts,
+            tls=route.tls,
+            tls_ca_file=self._policy.tls_ca_file,
+            source_address=self._policy.source_address,
+            username=route.username,
+            password=route.password.get_secret_value() if route.password else None,
+        )
 
     def _outcomes(self, job: DeliveryJob, result: SessionResult) -> list[Outcome]:
         now = time.time()
-        schedule = self._settings.delivery.retry_schedule
+        cfg = self._settings.delivery
+        expires_at = job.created_at + cfg.max_age if job.created_at else None
         outcomes = []
         details = (
             {"mx": result.host, "ip": result.address, "tls": result.tls} if result.host else {}
@@ -139,7 +225,13 @@ class DeliveryEngine:
             reply = result.failure or result.replies.get(rcpt.id)
             if reply is None:
                 reply = Reply(451, "4.3.0", "no reply recorded")
-            outcomes.append(decide(rcpt.id, rcpt.attempts, reply, schedule, now, details))
+            outcomes.append(
+                decide(
+                    rcpt.id, rcpt.attempts, reply, cfg.retry_schedule, now, details,
+                    at_rcpt=result.failure is None and rcpt.id in result.at_rcpt,
+                    expires_at=expires_at,
+                )
+            )
         return outcomes
 
     @staticmethod
@@ -158,6 +250,16 @@ class DeliveryEngine:
                 reply.code if reply else "",
                 reply.text if reply else "",
             )
+
+
+def _limits(settings: Settings, destination: str) -> Limits:
+    dest = settings.delivery.destination(destination)
+    assert dest.max_connections is not None and dest.message_rate is not None
+    return Limits(dest.max_connections, dest.message_rate)
+
+
+def _is_unreachable(result: SessionResult) -> bool:
+    return result.failure is not None and result.failure.enhanced in _UNREACHABLE
 
 
 def _failed(reply: Reply) -> SessionResult:

@@ -134,8 +134,8 @@ class Metrics:
     def recorded(self, job: DeliveryJob, outcomes: Sequence[Outcome], now: float) -> None:
         for outcome in outcomes:
             self.outcomes.labels(outcome.status.value).inc()
-            if outcome.status is RecipientStatus.DELIVERED and job.queued_at:
-                self.delivery_latency.observe(max(0.0, now - job.queued_at))
+            if outcome.status is RecipientStatus.DELIVERED and job.created_at:
+                self.delivery_latency.observe(max(0.0, now - job.created_at))
 
     # -- SMTP sessions (relay/sessions.py) ----------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Pure decisions about an attempt's result: what a reply means and when to try again.
 
 Owns the classification of SMTP replies (2xx delivered, 4xx deferred, 5xx bounced; an enhanced
-status code of class 4 defers whatever the basic code says) and the retry schedule. No I/O, no
-clock of its own: callers pass `now`.
+status code of class 4 defers whatever the basic code says, and so does `552` to RCPT), the retry
+schedule with `delivery.max_age`, and which bounces put the address on the suppression list. No
+I/O, no clock of its own: callers pass `now`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ def make_reply(code: int, text: str) -> Reply:
     return Reply(code=code, enhanced=None, text=text)
 
 
-def classify(reply: Reply) -> RecipientStatus:
-    """DELIVERED, DEFERRED or BOUNCED for a reply to RCPT or to the end of DATA."""
+# Bounces caused by the recipient address itself (RFC 3463): bad mailbox, null MX, disabled
+# mailbox. Policy and content refusals (5.7.x, 5.3.4, 5.6.x) say nothing about the address.
+_RECIPIENT_CAUSED = frozenset({"5.1.1", "5.1.10", "5.2.1"})
+
+
+def classify(reply: Reply, at_rcpt: bool = False) -> RecipientStatus:
+    """DELIVERED, DEFERRED or BOUNCED for a reply to RCPT (`at_rcpt`) or to the end of DATA."""
     if 200 <= reply.code < 300:
         return RecipientStatus.DELIVERED
+    if at_rcpt and reply.code == 552:
+        # RFC 5321 §4.5.3.1.10: 552 to RCPT is "too many recipients"; clients treat it as 452.
+        return RecipientStatus.DEFERRED
     if reply.enhanced is not None and reply.enhanced.startswith("4."):
         return RecipientStatus.DEFERRED
     if 400 <= reply.code < 500:
@@ -47,6 +56,11 @@ def next_attempt(attempts_done: int, schedule: Sequence[float], now: float) -> f
     return now + schedule[attempts_done - 1]
 
 
+def is_recipient_caused(reply: Reply) -> bool:
+    """A bounce that says the address itself is bad: it goes on the suppression list."""
+    return reply.code >= 500 and reply.enhanced in _RECIPIENT_CAUSED
+
+
 def decide(
     recipient_id: int,
     attempts_before: int,
@@ -54,19 +68,33 @@ def decide(
     schedule: Sequence[float],
     now: float,
     details: Mapping[str, object] | None = None,
+    *,
+    at_rcpt: bool = False,
+    expires_at: float | None = None,
 ) -> Outcome:
     """The outcome to record for one recipient given the reply it got on this attempt.
 
-    `details` (the host tried, its address, TLS) go into the event's data.
+    `details` (the host tried, its address, TLS) go into the event's data. A deferral after
+    `expires_at` (the message's age reached `delivery.max_age`), or with the retry schedule
+    spent, bounces instead.
     """
     data = dict(details or {})
-    status = classify(reply)
+    status = classify(reply, at_rcpt)
     due = None
     if status is RecipientStatus.DEFERRED:
         due = next_attempt(attempts_before + 1, schedule, now)
         if due is None:
             status = RecipientStatus.BOUNCED
             data["reason"] = "retries exhausted"
+        elif expires_at is not None and now >= expires_at:
+            status, due = RecipientStatus.BOUNCED, None
+            data["reason"] = "message expired"
         else:
             data["next_attempt_at"] = format_time(due)
-    return Outcome(recipient_id=recipient_id, status=status, reply=reply, due_at=due, data=data)
+    elif status is RecipientStatus.BOUNCED:
+        data["reason"] = "rejected"
+    suppress = status is RecipientStatus.BOUNCED and is_recipient_caused(reply)
+    return Outcome(
+        recipient_id=recipient_id, status=status, reply=reply, due_at=due, data=data,
+        suppress=suppress,
+    )

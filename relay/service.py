@@ -148,7 +148,9 @@ class Service:
             if recovered := await spool.recover_leases():
                 logger.warning("%d delivery unit(s) were in flight at the last stop: due now",
                                recovered)
-            engine = DeliveryEngine(spool, settings, MxResolver(build_resolver(settings)))
+            engine = DeliveryEngine(
+                spool, settings, MxResolver(build_resolver(settings)), self.smtp_addresses
+            )
             tasks["delivery"] = asyncio.create_task(engine.run(), name="delivery")
             if recovered := await spool.recover_webhook_leases():
                 logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",

@@ -7,6 +7,7 @@ the typed records it takes and returns, and its errors.
 from __future__ import annotations
 
 from store.errors import (
+    Conflict,
     IdempotencyConflict,
     NotFound,
     PolicyRejected,
@@ -22,6 +23,7 @@ from store.records import (
     ApiKey,
     AttemptResult,
     DeliveryJob,
+    DomainKeys,
     Event,
     EventFilter,
     EventType,
@@ -42,6 +44,7 @@ from store.records import (
     Scope,
     Source,
     Submission,
+    Suppression,
     Tag,
     UrlRefusal,
     WebhookAttempt,
@@ -61,7 +64,9 @@ __all__ = [
     "Accepted",
     "ApiKey",
     "AttemptResult",
+    "Conflict",
     "DeliveryJob",
+    "DomainKeys",
     "Event",
     "EventFilter",
     "EventType",
@@ -91,6 +96,7 @@ __all__ = [
     "StorageFull",
     "StoreError",
     "Submission",
+    "Suppression",
     "Tag",
     "UrlRefusal",
     "WebhookAttempt",

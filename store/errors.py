@@ -57,3 +57,5 @@ _CONFLICT_MESSAGES = {
     IdempotencyConflict.REUSED: "this idempotency key was already used with a different request",
     IdempotencyConflict.IN_PROGRESS: "a request with this idempotency key is still in progress",
 }
+class Conflict(StoreError):
+    """The record already exists."""

@@ -32,11 +32,11 @@ from store.ids import new_id
 from store.records import (
     Accepted,
     EventType,
-    MessageStatus,
     NewEvent,
     RecipientStatus,
     Submission,
     Tag,
+    derive_message_status,
     format_time,
 )
 from store.sql import Q
@@ -48,6 +48,11 @@ BATCH_JOB_SIZE = 1000
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _HEADER_PARSER = BytesHeaderParser(policy=default_policy)
+_INTAKE_EVENTS = {
+    RecipientStatus.QUEUED: EventType.EMAIL_QUEUED,
+    RecipientStatus.SCHEDULED: EventType.EMAIL_SCHEDULED,
+    RecipientStatus.SUPPRESSED: EventType.EMAIL_SUPPRESSED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,8 +257,7 @@ class _AcceptJob:
         now = time.time()
         sub = self.submission
         scheduled = sub.scheduled_at is not None and sub.scheduled_at > now
-        status = RecipientStatus.SCHEDULED if scheduled else RecipientStatus.QUEUED
-        event = EventType.EMAIL_SCHEDULED if scheduled else EventType.EMAIL_QUEUED
+        pending = RecipientStatus.SCHEDULED if scheduled else RecipientStatus.QUEUED
         due_at = sub.scheduled_at if scheduled and sub.scheduled_at is not None else now
         attributes = attribute_data(sub.tags, sub.metadata)
         if scheduled:
@@ -277,6 +281,13 @@ class _AcceptJob:
             },
         )
         seq = cur.lastrowid
+        # Suppressed addresses are recorded, never delivered (DESIGN: intake owns this policy).
+        emails = json.dumps([email.lower() for email, _ in self.units])
+        suppressed = {r[0] for r in conn.execute(Q["suppressed_among"], {"emails": emails})}
+        statuses = [
+            RecipientStatus.SUPPRESSED if email.lower() in suppressed else pending
+            for email, _ in self.units
+        ]
         conn.executemany(
             Q["insert_recipient"],
             [
@@ -286,26 +297,26 @@ class _AcceptJob:
                     "domain": domain,
                     "status": status.value,
                     "priority": sub.priority.rank,
-                    "due_at": due_at,
+                    "due_at": due_at if status is pending else None,
                     "now": now,
                 }
-                for email, domain in self.units
+                for (email, domain), status in zip(self.units, statuses, strict=True)
             ],
         )
         append_events(
             conn,
             (
                 NewEvent(
-                    type=event,
+                    type=_INTAKE_EVENTS[status],
                     message_seq=seq,
                     recipient=email,
                     data={"message_id": self.id, "recipient": email, **attributes},
                 )
-                for email, _ in self.units
+                for (email, _), status in zip(self.units, statuses, strict=True)
             ),
             now,
         )
-        accepted = Accepted(id=self.id, created_at=now, status=MessageStatus(status.value))
+        accepted = Accepted(id=self.id, created_at=now, status=derive_message_status(statuses))
         if sub.idempotency is not None:
             idempotency.record(
                 conn,

@@ -79,7 +79,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, created_at, mail_from, body, tags, metadata
+SELECT seq, id, created_at, source, mail_from, body, tags, metadata
 FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
@@ -274,3 +274,28 @@ FROM recipients WHERE due_at IS NOT NULL GROUP BY status;
 
 -- name: message_queued_at
 SELECT created_at FROM messages WHERE seq = :seq;
+-- ==== delivery: DKIM domains ====
+
+-- name: insert_domain
+INSERT INTO domains (name, selector, rsa_key, ed25519_key, created_at)
+VALUES (:name, :selector, :rsa_key, :ed25519_key, :now);
+
+-- name: domain_exists
+SELECT 1 FROM domains WHERE name = :name;
+
+-- name: domain_keys
+SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains WHERE name = :name;
+
+-- ==== delivery: suppressions ====
+
+-- name: insert_suppression
+-- A no-op (rowcount 0) when the address is already suppressed.
+INSERT INTO suppressions (email, reason, code, enhanced, text, message_seq, created_at)
+VALUES (:email, :reason, :code, :enhanced, :text, :message_seq, :now)
+ON CONFLICT (email) DO NOTHING;
+
+-- name: suppressed_among
+SELECT email FROM suppressions WHERE email IN (SELECT value FROM json_each(:emails));
+
+-- name: suppression_by_email
+SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE email = :email;

@@ -86,6 +86,7 @@ class EventType(StrEnum):
     EMAIL_FAILED = "email.failed"
     EMAIL_SUPPRESSED = "email.suppressed"
     EMAIL_CANCELLED = "email.cancelled"
+    SUPPRESSION_CREATED = "suppression.created"
 
 
 class Scope(StrEnum):
@@ -373,7 +374,8 @@ class DeliveryJob:
     recipients: tuple[Recipient, ...]
     tags: tuple[Tag, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
-    queued_at: float = 0.0  # when the message was accepted (the queued-to-delivered latency)
+    created_at: float = 0.0  # when the message was accepted: `delivery.max_age` counts from it
+    source: Source = Source.API
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +387,8 @@ class Outcome:
     reply: Reply | None
     due_at: float | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    #: The bounce was caused by the recipient itself: add the address to the suppression list.
+    suppress: bool = False
 
 
 # -- events and webhooks ------------------------------------------------------------------------
@@ -534,15 +538,71 @@ class WebhookAttempt:
         )
 
 
+# -- delivery: DKIM domains and suppressions ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DomainKeys:
+    """A sending domain's DKIM keys. The private keys never appear in a repr (nor in logs)."""
+
+    name: str
+    selector: str
+    rsa_key: bytes = field(repr=False)  # PKCS#8 PEM
+    ed25519_key: bytes | None = field(repr=False)  # base64 of the 32-byte seed
+    created_at: float
+
+    @property
+    def ed25519_selector(self) -> str:
+        """A selector holds one key, so the ed25519 key is published under its own."""
+        return f"{self.selector}-ed25519"
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> DomainKeys:
+        ed = row["ed25519_key"]
+        return cls(
+            name=row["name"],
+            selector=row["selector"],
+            rsa_key=bytes(row["rsa_key"]),
+            ed25519_key=None if ed is None else bytes(ed),
+            created_at=row["created_at"],
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class UrlRefusal:
     """Why a webhook URL may not be used (scheme, private address, unresolvable name)."""
 
     slug: str
     message: str
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSummary:
     """Pending delivery units by status, and when the oldest pending unit's message was queued."""
 
     counts: Mapping[RecipientStatus, int]
     oldest_queued_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """An address Postroom no longer sends to, and the reply that put it there."""
+
+    email: str
+    reason: str
+    reply: Reply | None
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Suppression:
+        code = row["code"]
+        return cls(
+            email=row["email"],
+            reason=row["reason"],
+            reply=(
+                None
+                if code is None
+                else Reply(code=code, enhanced=row["enhanced"], text=row["text"] or "")
+            ),
+            created_at=row["created_at"],
+        )

@@ -24,7 +24,7 @@ import aiosqlite
 from config import Settings
 from store import idempotency, intake, webhooks
 from store.db import connect_reader, connect_writer
-from store.errors import IdempotencyConflict, NotFound, SpoolClosed, StoreError
+from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
@@ -34,6 +34,7 @@ from store.records import (
     ApiKey,
     AttemptResult,
     DeliveryJob,
+    DomainKeys,
     Event,
     EventFilter,
     EventType,
@@ -47,8 +48,11 @@ from store.records import (
     QueueSummary,
     Recipient,
     RecipientStatus,
+    Reply,
     Scope,
+    Source,
     Submission,
+    Suppression,
     WebhookAttempt,
     WebhookChange,
     WebhookDelivery,
@@ -289,9 +293,19 @@ class Spool:
     # -- delivery ---------------------------------------------------------------------------
 
     async def claim_due(
-        self, max_units: int, per_destination: int, lease: float, now: float | None = None
+        self,
+        max_units: int,
+        per_destination: int,
+        lease: float,
+        now: float | None = None,
+        rooms: Mapping[str, int] | None = None,
     ) -> list[DeliveryJob]:
-        """Lease due units, round-robin over destinations, grouped into per-message jobs."""
+        """Lease due units, round-robin over destinations, grouped into per-message jobs.
+
+        A destination gets at most `rooms[destination]` units (pacing's answer: what it can
+        start now), else `per_destination`.
+        """
+        room_of = dict(rooms or {})
         start = self._rotation
         self._rotation += 1
 
@@ -310,14 +324,12 @@ class Spool:
                 room = max_units - len(claimed)
                 if room <= 0:
                     break
+                limit = min(room, room_of.get(domain, per_destination))
+                if limit <= 0:
+                    continue
                 rows = conn.execute(
                     Q["claim_destination"],
-                    {
-                        "domain": domain,
-                        "now": at,
-                        "lease_until": at + lease,
-                        "limit": min(room, per_destination),
-                    },
+                    {"domain": domain, "now": at, "lease_until": at + lease, "limit": limit},
                 ).fetchall()
                 claimed.extend(Recipient.from_row(r) for r in rows)
             return _group_jobs(conn, claimed)
@@ -369,6 +381,8 @@ class Spool:
                     ],
                     now,
                 )
+                if outcome.suppress and outcome.status is RecipientStatus.BOUNCED:
+                    _suppress(conn, rcpt.email, reply, job.message_seq, job.message_id, now)
 
         await self._writer.run(write)
         self.notify_events()
@@ -602,6 +616,82 @@ class Spool:
             finally:
                 await conn.execute("COMMIT")
         return QueueSummary(counts=counts, oldest_queued_at=oldest_at)
+    # -- delivery: DKIM domains and suppressions ------------------------------------------------
+
+    async def add_domain(self, keys: DomainKeys) -> None:
+        """Store a sending domain with its DKIM keys; Conflict if it exists."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute(Q["domain_exists"], {"name": keys.name}).fetchone() is not None:
+                raise Conflict(f"domain {keys.name} already exists")
+            conn.execute(
+                Q["insert_domain"],
+                {
+                    "name": keys.name,
+                    "selector": keys.selector,
+                    "rsa_key": keys.rsa_key,
+                    "ed25519_key": keys.ed25519_key,
+                    "now": keys.created_at,
+                },
+            )
+
+        await self._writer.run(job)
+
+    async def domain_keys(self, name: str) -> DomainKeys | None:
+        """The DKIM keys of a sending domain, or None when it has none."""
+        async with self._read() as conn:
+            async with conn.execute(Q["domain_keys"], {"name": name.lower()}) as cur:
+                row = await cur.fetchone()
+        return None if row is None else DomainKeys.from_row(row)
+
+    async def suppression(self, email: str) -> Suppression | None:
+        async with self._read() as conn:
+            async with conn.execute(Q["suppression_by_email"], {"email": email.lower()}) as cur:
+                row = await cur.fetchone()
+        return None if row is None else Suppression.from_row(row)
+
+
+def _suppress(
+    conn: sqlite3.Connection,
+    email: str,
+    reply: Reply | None,
+    message_seq: int,
+    message_id: str,
+    now: float,
+) -> None:
+    """Add a recipient-caused bounce's address to the suppression list, once, with its event."""
+    address = email.lower()
+    cur = conn.execute(
+        Q["insert_suppression"],
+        {
+            "email": address,
+            "reason": "hard_bounce",
+            "code": reply.code if reply else None,
+            "enhanced": reply.enhanced if reply else None,
+            "text": reply.text if reply else None,
+            "message_seq": message_seq,
+            "now": now,
+        },
+    )
+    if cur.rowcount == 0:
+        return  # already suppressed: no second event
+    data: dict[str, object] = {
+        "email": address, "reason": "hard_bounce", "message_id": message_id
+    }
+    if reply is not None:
+        data["reply"] = {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+    append_events(
+        conn,
+        [
+            NewEvent(
+                type=EventType.SUPPRESSION_CREATED,
+                message_seq=message_seq,
+                recipient=address,
+                data=data,
+            )
+        ],
+        now,
+    )
 
 
 def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
@@ -625,7 +715,8 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             recipients=tuple(rcpts),
             tags=tags_from_json(messages[seq]["tags"]),
             metadata=json.loads(messages[seq]["metadata"]),
-            queued_at=messages[seq]["created_at"],
+            created_at=messages[seq]["created_at"],
+            source=Source(messages[seq]["source"]),
         )
         for (seq, domain), rcpts in groups.items()
     ]

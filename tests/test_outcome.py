@@ -45,3 +45,40 @@ def test_sixth_failed_attempt_bounces():
     assert last.status is RecipientStatus.BOUNCED
     assert last.data["reason"] == "retries exhausted"
     assert last.due_at is None
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "at_rcpt", "status"),
+    [
+        pytest.param(552, "5.5.3 Too many recipients", True, RecipientStatus.DEFERRED,
+                     id="552 to RCPT defers"),
+        pytest.param(552, "5.3.4 Message too big", False, RecipientStatus.BOUNCED,
+                     id="552 after DATA bounces"),
+    ],
+)
+def test_classify_552(code: int, text: str, at_rcpt: bool, status: RecipientStatus):
+    assert classify(make_reply(code, text), at_rcpt) is status
+
+
+@pytest.mark.parametrize(
+    ("text", "suppress"),
+    [
+        ("5.1.1 No such user", True),
+        ("5.1.10 Null MX", True),
+        ("5.2.1 Mailbox disabled", True),
+        ("5.7.1 Spam", False),
+        ("5.3.4 Too big", False),
+        ("5.6.0 Bad content", False),
+        ("No enhanced code", False),
+    ],
+)
+def test_only_recipient_caused_bounces_suppress(text: str, suppress: bool):
+    assert decide(1, 0, make_reply(550, text), SCHEDULE, 0.0).suppress is suppress
+
+
+def test_deferral_past_max_age_bounces():
+    reply = Reply(451, "4.4.1", "connection refused")
+    assert decide(1, 0, reply, SCHEDULE, 100.0, expires_at=200.0).status is RecipientStatus.DEFERRED
+    late = decide(1, 0, reply, SCHEDULE, 200.0, expires_at=200.0)
+    assert late.status is RecipientStatus.BOUNCED and late.data["reason"] == "message expired"
+    assert not late.suppress

@@ -85,17 +85,18 @@ class DnsServer:
         chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
         self._add(name, QTYPE.TXT, TXT(chunks), ttl)
 
-    def set_servfail(self, domain: str) -> None:
-        """Answer SERVFAIL for every query of exactly this name."""
+    def set_servfail(self, domain: str, rtype: str | None = None) -> None:
+        """Answer SERVFAIL for every query of exactly this name (only of `rtype`, e.g. "A",
+        if given)."""
         with self._lock:
-            self._servfail.add(_norm(domain))
+            self._servfail.add(_norm(domain) + (f"/{rtype}" if rtype else ""))
 
     def remove(self, name: str, rtype: str | None = None) -> None:
         """Drop the records of a name (only those of `rtype`, e.g. "MX", if given) and its
         SERVFAIL flag."""
         key = _norm(name)
         with self._lock:
-            self._servfail.discard(key)
+            self._servfail = {s for s in self._servfail if s.split("/")[0] != key}
             keep = [rr for rr in self._records.pop(key, []) if rtype and QTYPE[rr.rtype] != rtype]
             if keep:
                 self._records[key] = keep
@@ -107,7 +108,8 @@ class DnsServer:
         reply = request.reply()  # sets qr, aa, ra and copies the question
         with self._lock:
             self.queries.append((qname, QTYPE.get(qtype, str(qtype))))
-            if qname in self._servfail:
+            qtype_name = QTYPE.get(qtype, str(qtype))
+            if qname in self._servfail or f"{qname}/{qtype_name}" in self._servfail:
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
             exists = any(n == qname or n.endswith("." + qname) for n in self._records)

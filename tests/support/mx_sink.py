@@ -106,8 +106,11 @@ class MxSink:
         *,
         data_size_limit: int | None = 64 * 1024 * 1024,
         smtputf8: bool = True,
+        authenticator: Any = None,
     ) -> None:
         self.hostname = hostname
+        #: aiosmtpd authenticator; when set, AUTH (after STARTTLS) is required to send.
+        self.authenticator = authenticator
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
         self.smtputf8 = smtputf8
@@ -159,7 +162,8 @@ class MxSink:
             decode_data=False,
             enable_SMTPUTF8=self.smtputf8,
             data_size_limit=self.data_size_limit,
-            auth_required=False,
+            authenticator=self.authenticator,
+            auth_required=self.authenticator is not None,
             auth_require_tls=True,
             loop=asyncio.get_running_loop(),
         )
