@@ -23,7 +23,7 @@ import click
 
 from api.models import MessageOut
 from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
-from relay.service import Service, tls_paths
+from relay.service import Service, StartupError, tls_paths
 from store import NotFound, RecipientStatus, Scope, Spool, StoreError, format_time, migrate
 
 T = TypeVar("T")
@@ -168,12 +168,15 @@ def serve(ctx: click.Context) -> None:
         assert service.api_address is not None
         host, port = service.api_address
         click.echo(f"Postroom is listening: SMTP {smtp}; API http://{host}:{port}")
+        if service.smtps_addresses:
+            smtps = ", ".join(f"{h}:{p}" for h, p in service.smtps_addresses)
+            click.echo(f"SMTP with implicit TLS: {smtps}")
         click.echo(f"Create an API key: postroom{config_hint} keys create --name NAME")
         sys.stdout.flush()
 
     try:
         asyncio.run(Service(settings).run(on_ready=announce))
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         fail(f"cannot start: {exc}")
 
 

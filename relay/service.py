@@ -1,10 +1,11 @@
 """The service: everything Postroom runs, in one process and one asyncio loop.
 
-Owns start-up (the spool, the SMTP listeners made with `loop.create_server`, uvicorn serving the
-API without its own signal handling, the delivery engine), supervision (every long-lived task is
-named and watched; one dying stops the service loudly), signals, readiness, and the shutdown
-order: stop taking new work → let in-flight attempts finish within `server.shutdown_timeout` →
-release the remaining leases → close the spool's writer last.
+Owns start-up (the spool, the SMTP listeners made with `loop.create_server` — STARTTLS on
+`smtp.listen`, implicit TLS on `smtp.tls_listen`, one submission handler for all — uvicorn
+serving the API without its own signal handling, the delivery engine), supervision (every
+long-lived task is named and watched; one dying stops the service loudly), signals, readiness,
+and the shutdown order: stop taking new work → let in-flight attempts finish within
+`server.shutdown_timeout` → release the remaining leases → close the spool's writer last.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from api import create_app
 from config import Settings, parse_address
 from relay.delivery import DeliveryEngine
 from relay.mx import MxResolver, build_resolver
-from relay.submission import protocol_factory
+from relay.submission import SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from store import Spool
 
 logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """Postroom cannot start with this configuration."""
 
 
 class _Server(uvicorn.Server):
@@ -60,6 +65,7 @@ class Service:
     settings: Settings
     readiness: Readiness = field(default_factory=Readiness)
     smtp_addresses: list[tuple[str, int]] = field(default_factory=list)
+    smtps_addresses: list[tuple[str, int]] = field(default_factory=list)
     api_address: tuple[str, int] | None = None
     spool: Spool | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,13 +85,24 @@ class Service:
         api_server: _Server | None = None
         engine: DeliveryEngine | None = None
         try:
+            quiet_aiosmtpd_logging()
             tls = load_tls_context(settings)
-            factory = protocol_factory(spool, settings, tls)
+            if settings.smtp.tls_listen and tls is None:
+                cert = tls_paths(settings)[0]
+                raise StartupError(f"smtp.tls_listen needs a certificate: none at {cert}")
+            handler = SubmissionHandler(spool, settings)
+            factory = protocol_factory(handler, tls, is_implicit_tls=False)
             for listen in settings.smtp.listen:
                 host, port = parse_address(listen)
                 server = await loop.create_server(factory, host, port)
                 smtp_servers.append(server)
                 self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
+            tls_factory = protocol_factory(handler, tls, is_implicit_tls=True)
+            for listen in settings.smtp.tls_listen:
+                host, port = parse_address(listen)
+                server = await loop.create_server(tls_factory, host, port, ssl=tls)
+                smtp_servers.append(server)
+                self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
             app = create_app(spool, settings, self.readiness)
             api_host, api_port = parse_address(settings.api.listen)
@@ -114,7 +131,9 @@ class Service:
                     loop.add_signal_handler(sig, self.stop)
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
-            logger.info("postroom ready: smtp=%s api=%s:%s", smtp, *self.api_address)
+            smtps = " ".join(f"{h}:{p}" for h, p in self.smtps_addresses) or "-"
+            logger.info("postroom ready: smtp=%s smtps=%s api=%s:%s", smtp, smtps,
+                        *self.api_address)
             if callable(on_ready):
                 on_ready(self)
 
