@@ -283,6 +283,7 @@ class SubmissionHandler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
         if not is_valid_helo(hostname):
+            session.host_name = None  # a refused greeting leaves the client ungreeted
             return "501 5.5.4 Invalid HELO hostname"
         session.host_name = hostname
         return f"250 {server.hostname}"
@@ -294,6 +295,7 @@ class SubmissionHandler:
         # aiosmtpd's own list would offer STARTTLS and AUTH by whether STARTTLS happened, which
         # is wrong on an implicit-TLS listener (STYLE.md gotcha 8): the list is ours.
         if not is_valid_helo(hostname):
+            session.host_name = None  # a refused greeting leaves the client ungreeted
             return ["501 5.5.4 Invalid EHLO hostname"]
         session.host_name = hostname
         capabilities = [

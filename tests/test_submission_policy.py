@@ -297,6 +297,9 @@ async def test_ehlo_names_with_control_characters_are_refused(
     async with await RawSmtp.open(postroom.smtp_port) as client:
         assert (await client.command(line)).startswith("501 5.5.4")
         assert (await client.command("MAIL FROM:<cron@acme.test>")).startswith("503")
+        await client.command("EHLO earlier.test")
+        assert (await client.command(line)).startswith("501 5.5.4")
+        assert (await client.command("MAIL FROM:<cron@acme.test>")).startswith("503")
         await client.command("EHLO good.test")
         await client.command("MAIL FROM:<cron@acme.test>")
         await client.command("RCPT TO:<user@example.test>")
