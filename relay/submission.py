@@ -411,22 +411,22 @@ class SubmissionHandler:
     ) -> str:
         principal = session.auth_data if isinstance(session.auth_data, Principal) else None
         host = peer_host(session.peer)
-        content = stamp(
-            envelope.original_content or b"",
-            session_facts(server, session, principal),
-            hostname=self.settings.server.hostname,
-            recipients=envelope.rcpt_tos,
-            now=datetime.now().astimezone(),
-            message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
-        )
-        submission = Submission(
-            mail_from=envelope.mail_from or "",
-            recipients=tuple(envelope.rcpt_tos),
-            content=content,
-            source=Source.SMTP,
-            principal=principal,
-        )
         try:
+            content = stamp(
+                envelope.original_content or b"",
+                session_facts(server, session, principal),
+                hostname=self.settings.server.hostname,
+                recipients=envelope.rcpt_tos,
+                now=datetime.now().astimezone(),
+                message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
+            )
+            submission = Submission(
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(envelope.rcpt_tos),
+                content=content,
+                source=Source.SMTP,
+                principal=principal,
+            )
             accepted = await self._spool.accept(submission)
         except PolicyRejected as exc:
             return _policy_reply(exc)
