@@ -137,6 +137,15 @@ class SmtpSettings(Section):
     max_message_size: ByteSize = 50 * 1000**2
     max_recipients: int = Field(default=100, ge=1)
     timeout: Duration = 300.0
+    tls_listen: list[Address] = []
+    allow_plaintext_auth_loopback: bool = False
+    max_sessions: int = Field(default=1000, ge=1)
+    max_sessions_per_ip: int = Field(default=100, ge=1)
+    session_timeout: Duration = 3600.0
+    auth_max_failures: int = Field(default=5, ge=1)
+    auth_failure_window: Duration = 600.0
+    auth_failure_delay: Duration = 1.0
+    auth_lockout: Duration = 900.0
 
     @field_validator("trusted_networks")
     @classmethod

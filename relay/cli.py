@@ -29,7 +29,7 @@ from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve
 from relay import logs
 from relay.egress import Egress
 from relay.egress import build_resolver as build_webhook_resolver
-from relay.service import Service, tls_paths
+from relay.service import Service, StartupError, tls_paths
 from relay.webhooks import WebhookDispatcher
 from store import (
     AttemptResult,
@@ -191,12 +191,15 @@ def serve(ctx: click.Context) -> None:
         assert service.api_address is not None
         host, port = service.api_address
         click.echo(f"Postroom is listening: SMTP {smtp}; API http://{host}:{port}")
+        if service.smtps_addresses:
+            smtps = ", ".join(f"{h}:{p}" for h, p in service.smtps_addresses)
+            click.echo(f"SMTP with implicit TLS: {smtps}")
         click.echo(f"Create an API key: postroom{config_hint} keys create --name NAME")
         sys.stdout.flush()
 
     try:
         asyncio.run(Service(settings).run(on_ready=announce))
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         fail(f"cannot start: {exc}")
 
 

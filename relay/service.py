@@ -1,11 +1,12 @@
 """The service: everything Postroom runs, in one process and one asyncio loop.
 
-Owns start-up (the spool, the SMTP listeners made with `loop.create_server`, uvicorn serving the
-API without its own signal handling, the delivery engine, the webhook dispatcher), supervision
-(every long-lived task is named and watched; one dying stops the service loudly), signals,
-readiness, systemd notifications (READY=1 once the spool is open and every listener bound,
-STOPPING=1, the watchdog), reloads (SIGHUP: relay/reload.py) and the shutdown order: stop taking
-new work (new SMTP sessions get `421 4.3.2`, new HTTP requests 503) → let in-flight SMTP
+Owns start-up (the spool, the SMTP listeners made with `loop.create_server` — STARTTLS on
+`smtp.listen`, implicit TLS on `smtp.tls_listen`, one submission handler for all — uvicorn
+serving the API without its own signal handling, the delivery engine, the webhook dispatcher),
+supervision (every long-lived task is named and watched; one dying stops the service loudly),
+signals, readiness, systemd notifications (READY=1 once the spool is open and every listener
+bound, STOPPING=1, the watchdog), reloads (SIGHUP: relay/reload.py) and the shutdown order: stop
+taking new work (new SMTP sessions get `421 4.3.2`, new HTTP requests 503) → let in-flight SMTP
 transactions, delivery attempts and webhook requests finish within `server.shutdown_timeout` →
 release the remaining leases → close the spool's writer last.
 """
@@ -33,11 +34,15 @@ from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
 from relay.reload import Apply, Prepare, Reloader, ReloadRefused
 from relay.sessions import Sessions
-from relay.submission import protocol_factory
+from relay.submission import SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.webhooks import WebhookDispatcher
 from store import Spool, StoreError
 
 logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """Postroom cannot start with this configuration."""
 
 
 class _Server(uvicorn.Server):
@@ -71,6 +76,7 @@ class Service:
     settings: Settings
     readiness: Readiness = field(default_factory=Readiness)
     smtp_addresses: list[tuple[str, int]] = field(default_factory=list)
+    smtps_addresses: list[tuple[str, int]] = field(default_factory=list)
     api_address: tuple[str, int] | None = None
     spool: Spool | None = None
     metrics: Metrics | None = None
@@ -119,13 +125,28 @@ class Service:
         )
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if handle_signals else ()
         try:
+            quiet_aiosmtpd_logging()
             self._tls = tls = load_tls_context(settings)
-            factory = sessions.guard(protocol_factory(spool, settings, tls, sessions.make_smtp))
+            if settings.smtp.tls_listen and tls is None:
+                cert = tls_paths(settings)[0]
+                raise StartupError(f"smtp.tls_listen needs a certificate: none at {cert}")
+            handler = SubmissionHandler(spool, settings)
+            factory = sessions.guard(
+                protocol_factory(handler, tls, is_implicit_tls=False, make_smtp=sessions.make_smtp)
+            )
             for listen in settings.smtp.listen:
                 host, port = parse_address(listen)
                 server = await loop.create_server(factory, host, port)
                 smtp_servers.append(server)
                 self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
+            tls_factory = sessions.guard(
+                protocol_factory(handler, tls, is_implicit_tls=True, make_smtp=sessions.make_smtp)
+            )
+            for listen in settings.smtp.tls_listen:
+                host, port = parse_address(listen)
+                server = await loop.create_server(tls_factory, host, port, ssl=tls)
+                smtp_servers.append(server)
+                self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
             app = create_app(
                 spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics
@@ -167,8 +188,12 @@ class Service:
                 )
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
-            logger.info("postroom ready: smtp=%s api=%s:%s", smtp, *self.api_address)
-            self.notifier.ready(f"serving: smtp {smtp}, api {api_host}:{self.api_address[1]}")
+            smtps = " ".join(f"{h}:{p}" for h, p in self.smtps_addresses) or "-"
+            logger.info("postroom ready: smtp=%s smtps=%s api=%s:%s", smtp, smtps,
+                        *self.api_address)
+            self.notifier.ready(
+                f"serving: smtp {smtp}, smtps {smtps}, api {api_host}:{self.api_address[1]}"
+            )
             if callable(on_ready):
                 on_ready(self)
 

@@ -16,9 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
-
 from relay.metrics import Metrics
+from relay.submission import Admission, SubmissionHandler, SubmissionSMTP
 from store import Principal
 
 logger = logging.getLogger(__name__)
@@ -39,9 +38,11 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._live)
 
-    def make_smtp(self, handler: object, **options: Any) -> SMTP:
-        """What `protocol_factory` calls to build each session's protocol."""
-        return TrackedSMTP(self, handler, **options)
+    def make_smtp(
+        self, handler: SubmissionHandler, admission: Admission, **options: Any
+    ) -> SubmissionSMTP:
+        """What `protocol_factory` calls to build each admitted session's protocol."""
+        return TrackedSMTP(self, handler, admission, **options)
 
     def guard(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A listener's factory that answers 421 instead once the drain has begun."""
@@ -94,11 +95,13 @@ class Sessions:
         self._metrics.smtp_auth_failures.inc()
 
 
-class TrackedSMTP(SMTP):
-    """aiosmtpd's protocol, reporting to `Sessions`; the SMTP dialogue itself is unchanged."""
+class TrackedSMTP(SubmissionSMTP):
+    """The submission protocol, reporting to `Sessions`; the SMTP dialogue itself is unchanged."""
 
-    def __init__(self, sessions: Sessions, handler: object, **options: Any) -> None:
-        super().__init__(handler, **options)
+    def __init__(
+        self, sessions: Sessions, handler: SubmissionHandler, admission: Admission, **options: Any
+    ) -> None:
+        super().__init__(handler, admission, **options)
         self._sessions = sessions
         self._started = time.monotonic()
         self._is_draining = False

@@ -1,10 +1,13 @@
-"""SMTP submission: the aiosmtpd handler behind `smtp.listen`.
+"""SMTP submission: the aiosmtpd protocol and handler behind `smtp.listen` and `smtp.tls_listen`.
 
-Owns the policy of the SMTP front door: AUTH PLAIN/LOGIN with an API key as the password (only
-over TLS: aiosmtpd enforces that with `auth_require_tls`), relaying only for authenticated clients
-and `smtp.trusted_networks` (never an open relay: everyone else is refused at RCPT), replies with
-enhanced status codes, and a `451 4.3.0` instead of aiosmtpd's exception text. A finished DATA
-goes to `Spool.accept`; `250` is answered only after it committed.
+Owns the policy of the SMTP front door: which connections may start a session (session limits,
+AUTH lock-outs), what EHLO offers, AUTH PLAIN/LOGIN with an API key as the password (only over
+TLS — STARTTLS or implicit — unless loopback is allowed plaintext), relaying only for authenticated
+clients and `smtp.trusted_networks` (never an open relay: everyone else is refused at RCPT
+whatever the address looks like), replies with enhanced status codes, our trace header, and a
+`451 4.3.0` instead of an exception text. A finished DATA goes to `Spool.accept`; `250` is
+answered only after it committed. The decisions about counts and time live in `relay/throttle.py`
+and the header in `relay/trace.py`.
 """
 
 from __future__ import annotations
@@ -14,30 +17,53 @@ import base64
 import binascii
 import ipaddress
 import logging
+import re
+import secrets
 import ssl
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from config import Settings
+from relay.throttle import AuthThrottle, Clock, SessionLimits, client_key
+from relay.trace import SessionFacts, is_valid_helo, stamp
 from store import PolicyRejected, Principal, Source, Spool, SpoolClosed, StorageFull, Submission
 
 logger = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+AUTH_MECHANISMS = "LOGIN PLAIN"
+LOCKED_OUT = "421 4.7.0 Too many failed authentications from your address, try again later"
+
 
 def parse_networks(networks: list[str]) -> list[Network]:
-    return [ipaddress.ip_network(n, strict=False) for n in networks]
+    """CIDRs → networks; IPv4-mapped IPv6 networks (::ffff:a.b.c.d/n) become IPv4 networks."""
+    parsed: list[Network] = []
+    for text in networks:
+        net = ipaddress.ip_network(text, strict=False)
+        mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+        if mapped is not None and net.prefixlen >= 96:
+            net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+        parsed.append(net)
+    return parsed
+
+
+def peer_host(peer: object) -> str:
+    """The address part of a socket peer name (host, port, …); "" when there is none."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def is_trusted(peer: object, networks: list[Network]) -> bool:
     """Whether a peer address (host, port, …) lies in one of `networks`."""
-    if not networks or not isinstance(peer, tuple) or not peer:
+    if not networks:
         return False
     try:
-        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        ip = ipaddress.ip_address(peer_host(peer).split("%", 1)[0])
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -45,15 +71,257 @@ def is_trusted(peer: object, networks: list[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
-class SubmissionHandler:
-    """aiosmtpd hooks for one listener; shared by all its sessions."""
+def is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
-    def __init__(self, spool: Spool, settings: Settings) -> None:
+
+# -- replies -------------------------------------------------------------------------------------
+
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# aiosmtpd's own replies that need more than a default code (STYLE.md gotcha 12).
+_REWRITES = {
+    "500 Command line too long": "500 5.5.2 Line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+    "552 Error: Too much mail data": "552 5.3.4 Message too big",
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+    "250 OK": "250 2.0.0 Ok",
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+}
+# RFC 3463 codes for aiosmtpd's other error replies, by reply code.
+_DEFAULT_ENHANCED = {
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "538": "5.7.11", "552": "5.3.4", "553": "5.1.3", "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+
+def enhance_reply(reply: str) -> str:
+    """The reply with an enhanced status code (RFC 2034) if it is an error or a known 2xx.
+
+    The greeting, EHLO's capability lines and 3xx continuations carry none by definition.
+    """
+    if reply in _REWRITES:
+        return _REWRITES[reply]
+    code = reply[:3]
+    if len(reply) < 4 or reply[3] != " " or code[0] not in "45" or _HAS_ENHANCED.match(reply):
+        return reply
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
+    text = reply[4:].removeprefix("Error: ")
+    return f"{code} {enhanced} {text}"
+
+
+# -- logging -------------------------------------------------------------------------------------
+
+
+def _redact_aiosmtpd(record: logging.LogRecord) -> bool:
+    # Below WARNING aiosmtpd logs command lines, DATA lines (bodies) and AUTH continuations that
+    # are not base64 (raw passwords). An "unrecognised" command may be a password a client sent
+    # out of turn: log its length, not its text.
+    if record.levelno < logging.WARNING:
+        return False
+    if record.msg == "%r unrecognised: %s" and isinstance(record.args, tuple):
+        record.args = (record.args[0], f"<{len(str(record.args[1]))} characters>")
+    return True
+
+
+def quiet_aiosmtpd_logging() -> None:
+    """Keep aiosmtpd's `mail.log` logger at WARNING and above, whatever the levels (gotcha 10)."""
+    library = logging.getLogger("mail.log")
+    library.setLevel(max(library.level, logging.WARNING))
+    if _redact_aiosmtpd not in library.filters:
+        library.addFilter(_redact_aiosmtpd)
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a new connection may start a session, and how its client is counted."""
+
+    client: str
+    is_trusted: bool
+    refusal: str | None = None
+
+
+def is_encrypted(server: SMTP) -> bool:
+    """Whether the session runs over TLS, by STARTTLS or implicitly (STYLE.md gotcha 8)."""
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol for one admitted session, with what its hooks cannot do.
+
+    It releases the session's count when the connection ends, ends the session after
+    `smtp.session_timeout`, adds enhanced status codes to aiosmtpd's own replies, and refuses RCPT
+    from unauthenticated, untrusted clients before aiosmtpd parses the address, so no address
+    form (source routes, bang paths, quoted local parts, …) reaches any other check.
+    """
+
+    def __init__(self, handler: SubmissionHandler, admission: Admission, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.admission = admission
+        self._door = handler
+        self._deadline: asyncio.TimerHandle | None = None
+        self._is_counted = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        is_first = self.transport is None  # STARTTLS calls this again with the TLS transport
+        super().connection_made(transport)
+        if is_first:
+            self._deadline = self.loop.call_later(
+                self._door.settings.smtp.session_timeout, self._end_session
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._is_counted:
+            self._is_counted = False
+            self._door.sessions.release(self.admission.client)
+        super().connection_lost(error)
+
+    def _end_session(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(b"421 4.4.2 Session time limit exceeded, closing\r\n")
+            self.transport.close()
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(enhance_reply(status) if isinstance(status, str) else status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        session = self.session
+        assert session is not None
+        if session.host_name and not session.authenticated and not self.admission.is_trusted:
+            # Never an open relay: on a submission port every recipient is a relay recipient.
+            await self.push("530 5.7.0 Authentication required")
+            return
+        await super().smtp_RCPT(arg)
+
+
+class _Gate(asyncio.Protocol):
+    """The first protocol of every connection: admits it into an SMTP session or refuses it.
+
+    Refusing here, before aiosmtpd's protocol exists, answers `421 4.7.0` without a greeting;
+    an admitted connection is handed to a new `SubmissionSMTP` with `transport.set_protocol`.
+    """
+
+    def __init__(self, make_session: Callable[[Admission], SubmissionSMTP],
+                 handler: SubmissionHandler) -> None:
+        self._make_session = make_session
+        self._handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        admission = self._handler.admit(peer_host(transport.get_extra_info("peername")))
+        if admission.refusal is not None:
+            transport.write(admission.refusal.encode("ascii") + b"\r\n")
+            transport.close()
+            return
+        session = self._make_session(admission)
+        transport.set_protocol(session)
+        session.connection_made(transport)
+
+
+# -- the handler ---------------------------------------------------------------------------------
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks and the front door's shared state; one per service, for every listener."""
+
+    def __init__(self, spool: Spool, settings: Settings, clock: Clock = time.monotonic) -> None:
         self._spool = spool
-        self._settings = settings
-        self._trusted = parse_networks(settings.smtp.trusted_networks)
+        self.settings = settings
+        smtp = settings.smtp
+        self._trusted = parse_networks(smtp.trusted_networks)
+        self.sessions = SessionLimits(smtp.max_sessions, smtp.max_sessions_per_ip)
+        self.auth_throttle = AuthThrottle(
+            max_failures=smtp.auth_max_failures,
+            window=smtp.auth_failure_window,
+            delay=smtp.auth_failure_delay,
+            lockout=smtp.auth_lockout,
+            clock=clock,
+        )
+
+    def admit(self, host: str) -> Admission:
+        """Count a new connection from `host`, or say why it is refused (nothing counted then)."""
+        trusted = is_trusted((host,), self._trusted)
+        client = client_key(host)
+        if not trusted and self.auth_throttle.is_locked(client):
+            return Admission(client, trusted, LOCKED_OUT)
+        if not self.sessions.admit(client, is_exempt_per_client=trusted):
+            logger.warning("refused connection from %s: too many sessions (%d open in all)",
+                           host, self.sessions.total)
+            return Admission(client, trusted, "421 4.7.0 Too many connections, try again later")
+        return Admission(client, trusted)
+
+    def _admission(self, server: SMTP) -> Admission:
+        assert isinstance(server, SubmissionSMTP)
+        return server.admission
+
+    def _may_authenticate(self, server: SMTP) -> bool:
+        if is_encrypted(server):
+            return True
+        return self.settings.smtp.allow_plaintext_auth_loopback and is_loopback(
+            peer_host(server.session.peer if server.session else None)
+        )
+
+    # -- greeting ------------------------------------------------------------------------------
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        if not is_valid_helo(hostname):
+            session.host_name = None  # a refused greeting leaves the client ungreeted
+            return "501 5.5.4 Invalid HELO hostname"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd's own list would offer STARTTLS and AUTH by whether STARTTLS happened, which
+        # is wrong on an implicit-TLS listener (STYLE.md gotcha 8): the list is ours.
+        if not is_valid_helo(hostname):
+            session.host_name = None  # a refused greeting leaves the client ungreeted
+            return ["501 5.5.4 Invalid EHLO hostname"]
+        session.host_name = hostname
+        capabilities = [
+            server.hostname, "PIPELINING", f"SIZE {self.settings.smtp.max_message_size}",
+            "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+        ]
+        if server.tls_context is not None and not is_encrypted(server):
+            capabilities.append("STARTTLS")
+        if self._may_authenticate(server):
+            capabilities.append(f"AUTH {AUTH_MECHANISMS}")
+        capabilities.append("HELP")
+        return [f"250-{c}" for c in capabilities[:-1]] + [f"250 {capabilities[-1]}"]
 
     # -- AUTH (async hooks: the key lookup awaits the spool; see STYLE.md gotchas 1 and 9) ----
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> object:
+        """Runs before the mechanism: TLS required, and a locked-out client is sent away."""
+        if not self._may_authenticate(server):
+            return "538 5.7.11 Encryption required for requested authentication mechanism"
+        admission = self._admission(server)
+        if not admission.is_trusted and self.auth_throttle.is_locked(admission.client):
+            await self._lock_out(server)
+            return None  # replied already
+        return MISSING
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -71,7 +339,7 @@ class SubmissionHandler:
         if len(parts) != 3:
             await server.push("501 5.5.2 Malformed PLAIN credentials")
             return AuthResult(success=False, handled=True)
-        return await self._check(parts[2])
+        return await self._check(server, parts[2], "PLAIN")
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -82,18 +350,36 @@ class SubmissionHandler:
         if password is MISSING:
             return AuthResult(success=False, handled=True)
         assert isinstance(password, bytes)
-        return await self._check(password)
+        return await self._check(server, password, "LOGIN")
 
-    async def _check(self, password: bytes) -> AuthResult:
+    async def _check(self, server: SMTP, password: bytes, mechanism: str) -> AuthResult:
         try:
             principal = await self._spool.authenticate(password.decode("utf-8"))
         except UnicodeDecodeError:
             principal = None
-        if principal is None:
-            return AuthResult(
-                success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
-            )
-        return AuthResult(success=True, auth_data=principal)
+        admission = self._admission(server)
+        if principal is not None:
+            self.auth_throttle.record_success(admission.client)
+            return AuthResult(success=True, auth_data=principal)
+        host = peer_host(server.session.peer if server.session else None)
+        if admission.is_trusted:
+            logger.info("AUTH %s failed: client=%s", mechanism, host)
+        else:
+            verdict = self.auth_throttle.record_failure(admission.client)
+            logger.warning("AUTH %s failed: client=%s delay=%.1fs%s", mechanism, host,
+                           verdict.delay, " locked-out" if verdict.is_locked else "")
+            await asyncio.sleep(verdict.delay)  # slows a guesser down, bounded per IP
+            if verdict.is_locked:
+                await self._lock_out(server)
+                return AuthResult(success=False, handled=True)
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+        )
+
+    async def _lock_out(self, server: SMTP) -> None:
+        await server.push(LOCKED_OUT)
+        if server.transport is not None:
+            server.transport.close()
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -108,13 +394,13 @@ class SubmissionHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if not session.authenticated and not is_trusted(session.peer, self._trusted):
-            # Never an open relay: every recipient is a relay recipient on a submission port.
+        if not session.authenticated and not self._admission(server).is_trusted:
+            # SubmissionSMTP.smtp_RCPT refused already; kept so the rule holds on its own.
             return "530 5.7.0 Authentication required"
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "501 5.1.3 Bad recipient address syntax"
-        if len(envelope.rcpt_tos) >= self._settings.smtp.max_recipients:
+        if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -123,16 +409,24 @@ class SubmissionHandler:
     async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
-        content = envelope.original_content or b""
         principal = session.auth_data if isinstance(session.auth_data, Principal) else None
-        submission = Submission(
-            mail_from=envelope.mail_from or "",
-            recipients=tuple(envelope.rcpt_tos),
-            content=content,
-            source=Source.SMTP,
-            principal=principal,
-        )
+        host = peer_host(session.peer)
         try:
+            content = stamp(
+                envelope.original_content or b"",
+                session_facts(server, session, principal),
+                hostname=self.settings.server.hostname,
+                recipients=envelope.rcpt_tos,
+                now=datetime.now().astimezone(),
+                message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
+            )
+            submission = Submission(
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(envelope.rcpt_tos),
+                content=content,
+                source=Source.SMTP,
+                principal=principal,
+            )
             accepted = await self._spool.accept(submission)
         except PolicyRejected as exc:
             return _policy_reply(exc)
@@ -140,13 +434,16 @@ class SubmissionHandler:
             return "452 4.3.1 Insufficient system storage"
         except SpoolClosed:
             return "451 4.3.2 Service shutting down, try again later"
+        except Exception:  # answered here, so that aiosmtpd resets the transaction
+            logger.exception("accepting a message from %s failed", host)
+            return "451 4.3.0 Internal error, try again later"
         logger.info(
             "%s: from=<%s> size=%d nrcpt=%d client=%s auth=%s",
             accepted.id,
             submission.mail_from,
             len(content),
             len(submission.recipients),
-            session.peer[0] if isinstance(session.peer, tuple) else session.peer,
+            host,
             principal.key_id if principal else "-",
         )
         return f"250 2.0.0 Ok: queued as {accepted.id}"
@@ -156,6 +453,26 @@ class SubmissionHandler:
         # the client to give up; a failure of ours is temporary (STYLE.md gotcha 2).
         logger.error("SMTP session error", exc_info=error)
         return "451 4.3.0 Internal error, try again later"
+
+
+def session_facts(server: SMTP, session: Session, principal: Principal | None) -> SessionFacts:
+    """What the `Received:` header says about this session: TLS and AUTH, never a secret."""
+    facts = SessionFacts(
+        helo=session.host_name or "unknown",
+        client_ip=peer_host(session.peer),
+        is_esmtp=session.extended_smtp,
+        auth_key_id=principal.key_id if principal else None,
+    )
+    transport = server.transport
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    if isinstance(tls, ssl.SSLObject | ssl.SSLSocket):
+        cipher = tls.cipher()
+        return SessionFacts(
+            helo=facts.helo, client_ip=facts.client_ip, is_esmtp=facts.is_esmtp,
+            auth_key_id=facts.auth_key_id, tls_version=tls.version(),
+            tls_cipher=cipher[0] if cipher else None, tls_bits=cipher[2] if cipher else None,
+        )
+    return facts
 
 
 def _policy_reply(exc: PolicyRejected) -> str:
@@ -169,31 +486,38 @@ def _policy_reply(exc: PolicyRejected) -> str:
 
 
 def protocol_factory(
-    spool: Spool,
-    settings: Settings,
+    handler: SubmissionHandler,
     tls_context: ssl.SSLContext | None,
-    make_smtp: Callable[..., SMTP] = SMTP,
+    *,
+    is_implicit_tls: bool,
+    make_smtp: Callable[..., SubmissionSMTP] = SubmissionSMTP,
 ) -> Callable[[], asyncio.Protocol]:
-    """What `loop.create_server` needs: a new aiosmtpd SMTP protocol per connection.
+    """What `loop.create_server` needs for one listener: a new gate per connection.
 
-    `make_smtp(handler, **options)` builds it; the service passes relay/sessions.py's, which
-    tracks sessions for the drain, the per-session log line and metrics.
+    An implicit-TLS listener is given its context through `create_server(ssl=…)`; its sessions
+    get none, so that STARTTLS is not offered there. `make_smtp(handler, admission, **options)`
+    builds each admitted session; the service passes relay/sessions.py's, which tracks sessions
+    for the drain, the per-session log line and metrics.
     """
-    handler = SubmissionHandler(spool, settings)
+    settings = handler.settings
     options: dict[str, Any] = {
         "hostname": settings.server.hostname,
         "ident": "Postroom ESMTP",
         "data_size_limit": settings.smtp.max_message_size,
         "enable_SMTPUTF8": True,
         "decode_data": False,
-        "tls_context": tls_context,
+        "tls_context": None if is_implicit_tls else tls_context,
         "require_starttls": False,
-        "auth_require_tls": True,
+        # Our hooks decide whether AUTH may run (`handle_AUTH`): aiosmtpd's own check only knows
+        # STARTTLS and would refuse AUTH on the implicit-TLS port.
+        "auth_require_tls": False,
         "timeout": settings.smtp.timeout,
     }
 
+    def make_session(admission: Admission) -> SubmissionSMTP:
+        return make_smtp(handler, admission, **options)
+
     def factory() -> asyncio.Protocol:
-        protocol: asyncio.Protocol = make_smtp(handler, **options)
-        return protocol
+        return _Gate(make_session, handler)
 
     return factory

@@ -79,7 +79,9 @@ def settings_data(tmp_path: Path, dns: DnsServer, mx_port: int, server_cert: tup
     return {
         "server": {"data_dir": str(tmp_path / "data"), "hostname": "postroom.test",
                    "shutdown_timeout": "5s"},
-        "smtp": {"listen": ["127.0.0.1:0"], "tls_cert": str(cert), "tls_key": str(key)},
+        # AUTH failures are answered without the production delay: tests stay fast.
+        "smtp": {"listen": ["127.0.0.1:0"], "tls_cert": str(cert), "tls_key": str(key),
+                 "auth_failure_delay": "1ms"},
         "api": {"listen": "127.0.0.1:0"},
         "delivery": {
             "dns_nameservers": [f"127.0.0.1:{dns.port}"],
@@ -124,6 +126,11 @@ class Running:
     @property
     def smtp_port(self) -> int:
         return self.service.smtp_addresses[0][1]
+
+    @property
+    def smtps_port(self) -> int:
+        """The first implicit-TLS listener (start with smtp={"tls_listen": ["127.0.0.1:0"]})."""
+        return self.service.smtps_addresses[0][1]
 
     @property
     def api_url(self) -> str:

@@ -23,6 +23,7 @@ from store import (
     StorageFull,
     Submission,
 )
+from store.intake import header_block, normalise_line_endings
 from store.migrate import migrations
 
 CONTENT = b"From: a@acme.test\r\nSubject: s\r\n\r\nbody\r\n"
@@ -215,3 +216,30 @@ async def test_idempotency_verdicts_and_expiry(spool: Spool):
     later = accepted.created_at + 86400 + 1
     async with spool.hold_idempotency_keys(None, [key], now=later) as [expired]:
         assert expired is None
+@pytest.mark.parametrize(
+    ("content", "normalised"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\r\nb", b"a\r\n\r\nb"),
+        (b"a\n\rb", b"a\r\n\r\nb"),
+        (b"a\r\n.\r\n\n.\n", b"a\r\n.\r\n\r\n.\r\n"),
+        (b"", b""),
+    ],
+    ids=["crlf", "lf", "cr", "cr-crlf", "lf-cr", "mixed", "empty"],
+)
+def test_line_endings_are_normalised_to_crlf(content: bytes, normalised: bytes):
+    assert normalise_line_endings(content) == normalised
+
+
+@pytest.mark.parametrize(
+    ("content", "block"),
+    [
+        (b"Subject: s\r\n\r\nbody\r\n\r\nmore", b"Subject: s\r\n"),
+        (b"\r\n\r\nbody", b"\r\n"),
+        (b"Subject: only a header\r\n", b"Subject: only a header\r\n"),
+    ],
+)
+def test_header_block_is_the_header_only(content: bytes, block: bytes):
+    assert header_block(content) == block
