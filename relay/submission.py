@@ -29,9 +29,20 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from config import Settings
+from relay.control import ControlError, fingerprint, idempotency_key, read_controls
 from relay.throttle import AuthThrottle, Clock, SessionLimits, client_key
 from relay.trace import SessionFacts, is_valid_helo, stamp
-from store import PolicyRejected, Principal, Source, Spool, SpoolClosed, StorageFull, Submission
+from store import (
+    Accepted,
+    IdempotencyConflict,
+    PolicyRejected,
+    Principal,
+    Source,
+    Spool,
+    SpoolClosed,
+    StorageFull,
+    Submission,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -412,24 +423,45 @@ class SubmissionHandler:
         principal = session.auth_data if isinstance(session.auth_data, Principal) else None
         host = peer_host(session.peer)
         try:
-            content = stamp(
-                envelope.original_content or b"",
-                session_facts(server, session, principal),
-                hostname=self.settings.server.hostname,
-                recipients=envelope.rcpt_tos,
-                now=datetime.now().astimezone(),
-                message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
-            )
-            submission = Submission(
-                mail_from=envelope.mail_from or "",
-                recipients=tuple(envelope.rcpt_tos),
-                content=content,
-                source=Source.SMTP,
-                principal=principal,
-            )
-            accepted = await self._spool.accept(submission)
+            original, controls = read_controls(envelope.original_content or b"", time.time())
+        except ControlError as exc:
+            return f"550 5.6.0 {exc}"
+        key = idempotency_key(
+            controls, fingerprint(envelope.mail_from or "", envelope.rcpt_tos, original)
+        )
+        try:
+            async with self._spool.hold_idempotency_keys(principal, [key]) as [verdict]:
+                if isinstance(verdict, Accepted):
+                    logger.info("%s: replayed for idempotency key from client=%s", verdict.id, host)
+                    return f"250 2.0.0 Ok: queued as {verdict.id}"
+                if isinstance(verdict, IdempotencyConflict):
+                    return _idempotency_reply(verdict)
+                content = stamp(
+                    original,
+                    session_facts(server, session, principal),
+                    hostname=self.settings.server.hostname,
+                    recipients=envelope.rcpt_tos,
+                    now=datetime.now().astimezone(),
+                    message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
+                )
+                submission = Submission(
+                    mail_from=envelope.mail_from or "",
+                    recipients=tuple(envelope.rcpt_tos),
+                    content=content,
+                    source=Source.SMTP,
+                    principal=principal,
+                    tags=controls.tags,
+                    metadata=controls.metadata,
+                    message_type=controls.message_type,
+                    priority=controls.priority,
+                    scheduled_at=controls.scheduled_at,
+                    idempotency=key,
+                )
+                accepted = await self._spool.accept(submission)
         except PolicyRejected as exc:
             return _policy_reply(exc)
+        except IdempotencyConflict as exc:
+            return _idempotency_reply(exc)
         except StorageFull:
             return "452 4.3.1 Insufficient system storage"
         except SpoolClosed:
@@ -473,6 +505,12 @@ def session_facts(server: SMTP, session: Session, principal: Principal | None) -
             tls_cipher=cipher[0] if cipher else None, tls_bits=cipher[2] if cipher else None,
         )
     return facts
+
+
+def _idempotency_reply(exc: IdempotencyConflict) -> str:
+    if exc.slug == IdempotencyConflict.IN_PROGRESS:
+        return "451 4.5.0 A message with this idempotency key is still being accepted"
+    return "550 5.7.0 This idempotency key was already used for a different message"
 
 
 def _policy_reply(exc: PolicyRejected) -> str:
