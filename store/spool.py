@@ -22,7 +22,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, webhooks
+from store import idempotency, intake, queue, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -33,6 +33,7 @@ from store.records import (
     Accepted,
     ApiKey,
     AttemptResult,
+    CancelResult,
     DeliveryJob,
     DomainKeys,
     Event,
@@ -40,11 +41,14 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageStatus,
     NewEvent,
     NewKey,
     NewWebhook,
     Outcome,
     Principal,
+    PurgeBatch,
+    QueueShape,
     QueueSummary,
     Recipient,
     RecipientStatus,
@@ -649,6 +653,60 @@ class Spool:
             async with conn.execute(Q["suppression_by_email"], {"email": email.lower()}) as cur:
                 row = await cur.fetchone()
         return None if row is None else Suppression.from_row(row)
+
+    # -- operations: queue tools --------------------------------------------------------------
+
+    async def queue_shape(self, now: float | None = None) -> QueueShape:
+        """Pending units by destination domain and age bucket (`postroom queue summary`)."""
+        async with self._read() as conn:
+            return await queue.shape(conn, time.time() if now is None else now)
+
+    async def retry(
+        self, *, message_id: str | None = None, domain: str | None = None, limit: int = 500
+    ) -> int:
+        """Make waiting units due now: one message's, or up to `limit` of a domain or of all.
+
+        Returns how many; call again until it returns less than `limit`. Scheduled units and
+        units in flight are left alone. NotFound for an unknown message.
+        """
+        count = await self._writer.run(
+            lambda conn: queue.retry_job(conn, message_id, domain, limit, time.time())
+        )
+        if count:
+            self.work_available.set()
+        return count
+
+    async def cancel(
+        self, *, message_id: str | None = None, domain: str | None = None, limit: int = 500
+    ) -> CancelResult:
+        """Cancel units not delivered and not in flight, with their `email.cancelled` events.
+
+        By message id (all its cancellable units; NotFound if unknown) or by destination domain
+        (up to `limit` units: call again until fewer are cancelled). Units in flight are counted,
+        not touched: their attempt decides them.
+        """
+        result = await self._writer.run(
+            lambda conn: queue.cancel_job(conn, message_id, domain, limit, time.time())
+        )
+        if result.cancelled:
+            self.notify_events()
+        return result
+
+    async def purge(
+        self,
+        statuses: frozenset[MessageStatus] | None,
+        cutoff: float,
+        after: int = 0,
+        limit: int = 500,
+    ) -> PurgeBatch:
+        """Remove finished messages created before `cutoff` with all their rows, one batch.
+
+        `statuses`: only messages in these (final) statuses; None: any finished message.
+        Go on from `PurgeBatch.next_after` until it is None.
+        """
+        return await self._writer.run(
+            lambda conn: queue.purge_job(conn, statuses, cutoff, after, limit)
+        )
 
 
 def _suppress(
