@@ -57,6 +57,8 @@ from store import (
     migrate,
     normalise_domain,
 )
+from store import backup as store_backup
+from store import check as store_check
 
 T = TypeVar("T")
 
@@ -770,3 +772,49 @@ def queue_purge(
 
     removed = with_spool(settings, work)
     emit({"removed": removed}, as_json, lambda: click.echo(f"{removed} message(s) removed"))
+
+
+# -- db: backup and check -------------------------------------------------------------------------
+
+
+@db.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_backup(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Copy the spool to a new file PATH: online (safe while serving), consistent, checked."""
+    settings = settings_of(ctx)
+    try:
+        result = store_backup(settings.spool_path, path, settings.storage.busy_timeout)
+    except StoreError as exc:
+        fail(str(exc))
+    data = {"path": str(result.path), "size": result.size, "messages": result.messages}
+    emit(
+        data,
+        as_json,
+        lambda: click.echo(
+            f"backed up {settings.spool_path} to {result.path} "
+            f"({result.size} bytes, {result.messages} message(s))"
+        ),
+    )
+
+
+@db.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_check(ctx: click.Context, as_json: bool) -> None:
+    """Run SQLite's integrity check on the spool (exit 1 on any problem)."""
+    settings = settings_of(ctx)
+    try:
+        problems = store_check(settings.spool_path, settings.storage.busy_timeout)
+    except StoreError as exc:
+        fail(str(exc))
+    emit(
+        {"ok": not problems, "problems": problems},
+        as_json,
+        lambda: click.echo(
+            "ok" if not problems else "\n".join(f"problem: {p}" for p in problems)
+        ),
+    )
+    if problems:
+        sys.exit(1)

@@ -6,6 +6,7 @@ the typed records it takes and returns, and its errors.
 
 from __future__ import annotations
 
+from store.backup import BackupResult, backup, check
 from store.errors import (
     Conflict,
     IdempotencyConflict,
@@ -68,6 +69,7 @@ __all__ = [
     "Accepted",
     "ApiKey",
     "AttemptResult",
+    "BackupResult",
     "CancelResult",
     "Conflict",
     "DeliveryJob",
@@ -112,6 +114,8 @@ __all__ = [
     "WebhookDelivery",
     "WebhookEndpoint",
     "WebhookOutcome",
+    "backup",
+    "check",
     "derive_message_status",
     "domain_of",
     "format_event_id",
