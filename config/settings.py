@@ -317,6 +317,23 @@ class LogSettings(Section):
     format: Literal["text", "json"] = "text"
 
 
+class RetentionSettings(Section):
+    """The data lifecycle: how long bodies and the rest of a finished message are kept."""
+
+    # Bodies of finished messages older than this are removed (0: keep them).
+    content_days: float = Field(default=30.0, ge=0)
+    # Finished messages with their recipients and events, and any event, webhook attempt or
+    # idempotency key older than this are removed (0: keep them).
+    metadata_days: float = Field(default=90.0, ge=0)
+    # false: a message's body is removed as soon as every recipient is final.
+    store_content: bool = True
+    # How often the sweep runs, how many rows one batch (one short write) touches, and the pause
+    # between batches that leaves the spool to intake and delivery.
+    interval: Duration = 600.0
+    batch_size: int = Field(default=500, ge=1)
+    batch_pause: Duration = 0.05
+
+
 class Settings(BaseSettings):
     """Every setting, by section; `config_path` is where the file was (or would be) read."""
 
@@ -325,6 +342,7 @@ class Settings(BaseSettings):
     )
     sections: ClassVar[tuple[str, ...]] = (
         "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
+        "retention",
     )
 
     server: ServerSettings = ServerSettings()
@@ -335,6 +353,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()
     events: EventSettings = EventSettings()
     log: LogSettings = LogSettings()
+    retention: RetentionSettings = RetentionSettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

@@ -33,6 +33,7 @@ from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
 from relay.reload import Apply, Prepare, Reloader, ReloadRefused
+from relay.retention import RetentionSweeper
 from relay.sessions import Sessions
 from relay.submission import SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.webhooks import WebhookDispatcher
@@ -177,6 +178,9 @@ class Service:
                 logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",
                                recovered)
             tasks["webhooks"] = asyncio.create_task(dispatcher.run(), name="webhooks")
+            tasks["retention"] = asyncio.create_task(
+                RetentionSweeper(spool, settings).run(), name="retention"
+            )
             if self.notifier.watchdog_interval is not None:
                 tasks["watchdog"] = asyncio.create_task(
                     self.notifier.run_watchdog(), name="watchdog"
@@ -249,6 +253,10 @@ class Service:
             api_server.config.timeout_graceful_shutdown = remaining
             api_server.should_exit = True
         watchdog = tasks.pop("watchdog", None)
+        # The sweep has nothing to finish: a batch it was waiting for commits all the same.
+        if (sweeper := tasks.pop("retention", None)) is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         for task in tasks.values():
             if not task.done():
                 with contextlib.suppress(TimeoutError):

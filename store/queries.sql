@@ -380,3 +380,46 @@ DELETE FROM idempotency_keys WHERE message_id IN (SELECT value FROM json_each(:i
 -- name: delete_messages
 -- Their recipients go with them (ON DELETE CASCADE).
 DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- ==== operations: data lifecycle (retention) ====
+
+-- name: messages_with_content_before
+-- Messages whose body is still kept, created before :cutoff, past the (created_at, seq) cursor,
+-- in the order of the partial index messages_content_kept.
+SELECT m.seq, m.created_at,
+       (SELECT json_group_array(r.status) FROM recipients r WHERE r.message_seq = m.seq)
+           AS statuses
+FROM messages m
+WHERE m.content_removed_at IS NULL AND m.created_at < :cutoff
+  AND (m.created_at, m.seq) > (:after_time, :after_seq)
+ORDER BY m.created_at, m.seq LIMIT :limit;
+
+-- name: remove_content
+UPDATE messages SET body = X'', content_removed_at = :now
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND content_removed_at IS NULL;
+
+-- name: remove_content_if_finished
+-- store_content = false: drop the body once no recipient of the message is pending.
+UPDATE messages SET body = X'', content_removed_at = :now
+WHERE seq = :seq AND content_removed_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = :seq AND r.due_at IS NOT NULL);
+
+-- name: delete_outbox_of_events_before
+DELETE FROM webhook_outbox WHERE event_id IN (
+    SELECT id FROM events WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_events_before
+DELETE FROM events WHERE id IN (
+    SELECT id FROM events WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_webhook_attempts_before
+DELETE FROM webhook_attempts WHERE id IN (
+    SELECT id FROM webhook_attempts WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_idempotency_before
+DELETE FROM idempotency_keys WHERE rowid IN (
+    SELECT rowid FROM idempotency_keys WHERE created_at < :cutoff LIMIT :limit
+);

@@ -650,3 +650,30 @@ class PurgeBatch:
 
     removed: int
     next_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What a retention sweep removes: bodies of finished messages created before
+    `content_before`, finished messages and all rows (events, webhook attempts, idempotency keys)
+    created before `metadata_before`; None: keep."""
+
+    content_before: float | None
+    metadata_before: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepCursor:
+    """Where a retention sweep goes on: its phase and the last row it looked at."""
+
+    phase: int = 0
+    after_time: float = 0.0
+    after_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SweepStep:
+    """One batch of a retention sweep: rows removed, and where to go on (None: done)."""
+
+    removed: int
+    next: SweepCursor | None

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, queue, webhooks
+from store import idempotency, intake, queue, retention, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -53,10 +53,13 @@ from store.records import (
     Recipient,
     RecipientStatus,
     Reply,
+    RetentionPolicy,
     Scope,
     Source,
     Submission,
     Suppression,
+    SweepCursor,
+    SweepStep,
     WebhookAttempt,
     WebhookChange,
     WebhookDelivery,
@@ -106,6 +109,7 @@ class Spool:
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
         self._key_secret = secret.get_secret_value().encode() if secret else None
+        self._store_content = settings.retention.store_content
         self._closed = False
         self._rotation = 0
         self._observer: SpoolObserver = NullObserver()
@@ -387,6 +391,8 @@ class Spool:
                 )
                 if outcome.suppress and outcome.status is RecipientStatus.BOUNCED:
                     _suppress(conn, rcpt.email, reply, job.message_seq, job.message_id, now)
+            if not self._store_content:
+                retention.remove_content_if_finished(conn, job.message_seq, now)
 
         await self._writer.run(write)
         self.notify_events()
@@ -708,6 +714,17 @@ class Spool:
             lambda conn: queue.purge_job(conn, statuses, cutoff, after, limit)
         )
 
+    # -- operations: data lifecycle -----------------------------------------------------------
+
+    async def sweep(
+        self, policy: RetentionPolicy, cursor: SweepCursor, limit: int, now: float | None = None
+    ) -> SweepStep:
+        """One batch of a retention sweep (store/retention.py); go on from `SweepStep.next`."""
+        at = time.time() if now is None else now
+        return await self._writer.run(
+            lambda conn: retention.sweep_job(conn, policy, cursor, limit, at)
+        )
+
 
 def _suppress(
     conn: sqlite3.Connection,
@@ -778,4 +795,3 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
         )
         for (seq, domain), rcpts in groups.items()
     ]
-
