@@ -107,7 +107,10 @@ class Service:
         """Start everything, run until `stop()` or a task dies, then shut down in order."""
         loop = asyncio.get_running_loop()
         settings = self.settings
-        spool = await Spool.open(settings)
+        try:
+            spool = await Spool.open(settings)
+        except StoreError as refused:  # e.g. a wrong or missing encryption key
+            raise StartupError(str(refused)) from None
         self.spool = self.readiness.spool = spool
         metrics = self.metrics = Metrics(spool.queue_summary)
         spool.observe(metrics)

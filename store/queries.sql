@@ -423,3 +423,27 @@ DELETE FROM webhook_attempts WHERE id IN (
 DELETE FROM idempotency_keys WHERE rowid IN (
     SELECT rowid FROM idempotency_keys WHERE created_at < :cutoff LIMIT :limit
 );
+
+-- ==== operations: encryption at rest ====
+
+-- name: meta_get
+SELECT value FROM spool_meta WHERE name = :name;
+
+-- name: meta_set
+INSERT INTO spool_meta (name, value) VALUES (:name, :value)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+-- name: meta_delete
+DELETE FROM spool_meta WHERE name = :name;
+
+-- name: bodies_after
+SELECT seq, body FROM messages WHERE seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: set_body
+UPDATE messages SET body = :body WHERE seq = :seq;
+
+-- name: all_domain_keys
+SELECT name, rsa_key, ed25519_key FROM domains;
+
+-- name: set_domain_keys
+UPDATE domains SET rsa_key = :rsa_key, ed25519_key = :ed25519_key WHERE name = :name;

@@ -9,6 +9,7 @@ methods; nothing outside `store/` would change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,7 +23,8 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, queue, retention, webhooks
+from store import crypto, idempotency, intake, queue, retention, webhooks
+from store.crypto import BODY, DKIM, Sealer, verify_key
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -105,6 +107,7 @@ class Spool:
             max_message_size=settings.smtp.max_message_size,
             max_recipients=settings.smtp.max_recipients,
             idempotency_ttl=settings.api.idempotency_ttl,
+            sealer=Sealer.from_settings(settings),
         )
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
@@ -125,6 +128,7 @@ class Spool:
         conn = await asyncio.to_thread(connect_writer, path, timeout)
         try:
             await asyncio.to_thread(apply_migrations, conn)
+            await asyncio.to_thread(verify_key, conn, Sealer.from_settings(settings))
         except BaseException:
             conn.close()
             raise
@@ -340,7 +344,7 @@ class Spool:
                     {"domain": domain, "now": at, "lease_until": at + lease, "limit": limit},
                 ).fetchall()
                 claimed.extend(Recipient.from_row(r) for r in rows)
-            return _group_jobs(conn, claimed)
+            return _group_jobs(conn, claimed, self._limits.sealer)
 
         return await self._writer.run(job)
 
@@ -630,6 +634,7 @@ class Spool:
 
     async def add_domain(self, keys: DomainKeys) -> None:
         """Store a sending domain with its DKIM keys; Conflict if it exists."""
+        sealer = self._limits.sealer
 
         def job(conn: sqlite3.Connection) -> None:
             if conn.execute(Q["domain_exists"], {"name": keys.name}).fetchone() is not None:
@@ -639,8 +644,10 @@ class Spool:
                 {
                     "name": keys.name,
                     "selector": keys.selector,
-                    "rsa_key": keys.rsa_key,
-                    "ed25519_key": keys.ed25519_key,
+                    "rsa_key": sealer.seal(keys.rsa_key, DKIM),
+                    "ed25519_key": (
+                        None if keys.ed25519_key is None else sealer.seal(keys.ed25519_key, DKIM)
+                    ),
                     "now": keys.created_at,
                 },
             )
@@ -652,7 +659,17 @@ class Spool:
         async with self._read() as conn:
             async with conn.execute(Q["domain_keys"], {"name": name.lower()}) as cur:
                 row = await cur.fetchone()
-        return None if row is None else DomainKeys.from_row(row)
+        if row is None:
+            return None
+        keys = DomainKeys.from_row(row)
+        sealer = self._limits.sealer
+        return dataclasses.replace(
+            keys,
+            rsa_key=sealer.open(keys.rsa_key, DKIM),
+            ed25519_key=(
+                None if keys.ed25519_key is None else sealer.open(keys.ed25519_key, DKIM)
+            ),
+        )
 
     async def suppression(self, email: str) -> Suppression | None:
         async with self._read() as conn:
@@ -725,6 +742,21 @@ class Spool:
             lambda conn: retention.sweep_job(conn, policy, cursor, limit, at)
         )
 
+    # -- operations: encryption at rest -------------------------------------------------------
+
+    async def reseal(self, after: int, limit: int) -> PurgeBatch:
+        """Re-encrypt up to `limit` bodies past the cursor with the current key (a key rotation).
+
+        `removed` counts the bodies rewritten; go on from `next_after` until it is None.
+        """
+        sealer = self._limits.sealer
+        return await self._writer.run(lambda conn: crypto.reseal_bodies(conn, sealer, after, limit))
+
+    async def finish_reseal(self) -> int:
+        """Re-encrypt the DKIM keys and write the key check for the current key; return keys."""
+        sealer = self._limits.sealer
+        return await self._writer.run(lambda conn: crypto.reseal_keys(conn, sealer))
+
 
 def _suppress(
     conn: sqlite3.Connection,
@@ -769,7 +801,9 @@ def _suppress(
     )
 
 
-def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
+def _group_jobs(
+    conn: sqlite3.Connection, claimed: list[Recipient], sealer: Sealer
+) -> list[DeliveryJob]:
     if not claimed:
         return []
     seqs = sorted({r.message_seq for r in claimed})
@@ -786,7 +820,7 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             message_seq=seq,
             message_id=messages[seq]["id"],
             mail_from=messages[seq]["mail_from"],
-            content=bytes(messages[seq]["body"]),
+            content=sealer.open(bytes(messages[seq]["body"]), BODY),
             recipients=tuple(rcpts),
             tags=tags_from_json(messages[seq]["tags"]),
             metadata=json.loads(messages[seq]["metadata"]),
