@@ -8,6 +8,8 @@ else receives a frozen `Settings` and never reads the environment itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -71,6 +73,18 @@ def parse_size(value: object) -> int:
         unit = m.group(2).lower() if m.group(2) else None
         return int(m.group(1)) * _SIZE_UNITS[unit]
     raise ValueError("expected a size in bytes or a string such as \"50MB\"")
+
+
+def decode_key(text: str) -> bytes:
+    """An encryption key from its base64 text: exactly 32 bytes (AES-256), else ValueError."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64: generate one with python -c 'import os,base64;"
+                         "print(base64.b64encode(os.urandom(32)).decode())'") from None
+    if len(key) != 32:
+        raise ValueError(f"must be 32 bytes (AES-256), not {len(key)}")
+    return key
 
 
 def parse_address(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -274,6 +288,17 @@ class DeliverySettings(Section):
 class StorageSettings(Section):
     commit_batch: int = Field(default=512, ge=1)
     busy_timeout: Duration = 10.0
+    # AES-256-GCM at rest for message bodies and DKIM private keys: base64 of 32 random bytes.
+    encryption_key: SecretStr | None = None
+    # The key before a rotation: still opens what it sealed until `postroom db rotate-key` ends.
+    previous_encryption_key: SecretStr | None = None
+
+    @field_validator("encryption_key", "previous_encryption_key")
+    @classmethod
+    def _key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            decode_key(value.get_secret_value())
+        return value
 
 
 class WebhookSettings(Section):
@@ -317,6 +342,23 @@ class LogSettings(Section):
     format: Literal["text", "json"] = "text"
 
 
+class RetentionSettings(Section):
+    """The data lifecycle: how long bodies and the rest of a finished message are kept."""
+
+    # Bodies of finished messages older than this are removed (0: keep them).
+    content_days: float = Field(default=30.0, ge=0)
+    # Finished messages with their recipients and events, and any event, webhook attempt or
+    # idempotency key older than this are removed (0: keep them).
+    metadata_days: float = Field(default=90.0, ge=0)
+    # false: a message's body is removed as soon as every recipient is final.
+    store_content: bool = True
+    # How often the sweep runs, how many rows one batch (one short write) touches, and the pause
+    # between batches that leaves the spool to intake and delivery.
+    interval: Duration = 600.0
+    batch_size: int = Field(default=500, ge=1)
+    batch_pause: Duration = 0.05
+
+
 class Settings(BaseSettings):
     """Every setting, by section; `config_path` is where the file was (or would be) read."""
 
@@ -325,6 +367,7 @@ class Settings(BaseSettings):
     )
     sections: ClassVar[tuple[str, ...]] = (
         "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
+        "retention",
     )
 
     server: ServerSettings = ServerSettings()
@@ -335,6 +378,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()
     events: EventSettings = EventSettings()
     log: LogSettings = LogSettings()
+    retention: RetentionSettings = RetentionSettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

@@ -25,7 +25,14 @@ import click
 from pydantic import ValidationError
 
 from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
-from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
+from config import (
+    EXAMPLE_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_duration,
+    resolve_config_path,
+)
 from relay import logs
 from relay.egress import Egress
 from relay.egress import build_resolver as build_webhook_resolver
@@ -33,10 +40,12 @@ from relay.service import Service, StartupError, tls_paths
 from relay.webhooks import WebhookDispatcher
 from store import (
     AttemptResult,
+    CancelResult,
     Conflict,
     Event,
     EventFilter,
     EventType,
+    MessageStatus,
     NewWebhook,
     NotFound,
     RecipientStatus,
@@ -48,6 +57,8 @@ from store import (
     migrate,
     normalise_domain,
 )
+from store import backup as store_backup
+from store import check as store_check
 
 T = TypeVar("T")
 
@@ -594,3 +605,250 @@ def events_tail(
 
     with contextlib.suppress(KeyboardInterrupt):
         with_spool(settings, work)
+
+
+# -- queue tools: summary, retry, cancel, purge ---------------------------------------------------
+
+#: Rows per writer job for the long queue operations: short transactions, so `serve` keeps its
+#: turns at the spool while they run.
+QUEUE_BATCH = 500
+_FINISHED = "finished"
+_PURGEABLE = [
+    s.value for s in MessageStatus if s.value not in {"scheduled", "queued", "deferred", "sending"}
+]
+
+
+def _one_target(message_id: str | None, domain: str | None, every: bool, allow_all: bool) -> None:
+    given = sum(x is not None and x is not False for x in (message_id, domain, every))
+    if given != 1:
+        fail("give exactly one of ID, --domain" + (" or --all" if allow_all else ""))
+
+
+def _progress(label: str, length: int, hidden: bool) -> Any:
+    """A progress bar on stderr (click prints only the label when stderr is not a terminal)."""
+    return click.progressbar(length=max(length, 1), label=label, file=sys.stderr, hidden=hidden)
+
+
+@queue.command("summary")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def queue_summary(ctx: click.Context, as_json: bool) -> None:
+    """Pending recipients by destination domain and age (minutes), like Postfix's qshape."""
+    settings = settings_of(ctx)
+    shape = with_spool(settings, lambda spool: spool.queue_shape())
+    data = {
+        "buckets": list(shape.labels),
+        "total": sum(r.total for r in shape.rows),
+        "totals": list(shape.totals),
+        "domains": [
+            {"domain": r.domain, "total": r.total, "counts": list(r.counts)} for r in shape.rows
+        ],
+    }
+
+    def human() -> None:
+        width = max([len("TOTAL"), *(len(r.domain) for r in shape.rows)])
+        click.echo(f"{'':>{width}} {'T':>6} " + " ".join(f"{b:>5}" for b in shape.labels))
+        click.echo(
+            f"{'TOTAL':>{width}} {data['total']:>6} "
+            + " ".join(f"{n:>5}" for n in shape.totals)
+        )
+        for row in shape.rows:
+            click.echo(
+                f"{row.domain:>{width}} {row.total:>6} "
+                + " ".join(f"{n:>5}" for n in row.counts)
+            )
+
+    emit(data, as_json, human)
+
+
+def _pending_units(spool: Spool, domain: str | None) -> Awaitable[int]:
+    async def count() -> int:
+        shape = await spool.queue_shape()
+        return sum(r.total for r in shape.rows if domain is None or r.domain == domain)
+
+    return count()
+
+
+@queue.command("retry")
+@click.argument("message_id", required=False)
+@click.option("--domain", help="Every waiting recipient at this destination domain.")
+@click.option("--all", "every", is_flag=True, help="Every waiting recipient.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def queue_retry(
+    ctx: click.Context, message_id: str | None, domain: str | None, every: bool, as_json: bool
+) -> None:
+    """Make waiting (queued or deferred) recipients due now; scheduled ones keep their time."""
+    _one_target(message_id, domain, every, allow_all=True)
+    settings = settings_of(ctx)
+    wanted = domain.rstrip(".").lower() if domain else None
+
+    async def work(spool: Spool) -> int:
+        if message_id is not None:
+            return await spool.retry(message_id=message_id)
+        total = 0
+        with _progress("retrying", await _pending_units(spool, wanted), as_json) as bar:
+            while True:
+                count = await spool.retry(domain=wanted, limit=QUEUE_BATCH)
+                total += count
+                bar.update(count)
+                if count < QUEUE_BATCH:
+                    return total
+
+    count = with_spool(settings, work)
+    emit({"retried": count}, as_json, lambda: click.echo(f"{count} recipient(s) due now"))
+
+
+@queue.command("cancel")
+@click.argument("message_id", required=False)
+@click.option("--domain", help="Every cancellable recipient at this destination domain.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def queue_cancel(
+    ctx: click.Context, message_id: str | None, domain: str | None, as_json: bool
+) -> None:
+    """Cancel recipients not yet delivered and not in flight (each gets `email.cancelled`)."""
+    _one_target(message_id, domain, False, allow_all=False)
+    settings = settings_of(ctx)
+    wanted = domain.rstrip(".").lower() if domain else None
+
+    async def work(spool: Spool) -> CancelResult:
+        if message_id is not None:
+            return await spool.cancel(message_id=message_id)
+        cancelled = 0
+        with _progress("cancelling", await _pending_units(spool, wanted), as_json) as bar:
+            while True:
+                result = await spool.cancel(domain=wanted, limit=QUEUE_BATCH)
+                cancelled += result.cancelled
+                bar.update(result.cancelled)
+                if result.cancelled < QUEUE_BATCH:
+                    return CancelResult(cancelled=cancelled, in_flight=result.in_flight)
+
+    result = with_spool(settings, work)
+    data = {"cancelled": result.cancelled, "in_flight": result.in_flight}
+    emit(
+        data,
+        as_json,
+        lambda: click.echo(
+            f"{result.cancelled} recipient(s) cancelled"
+            + (f"; {result.in_flight} in flight, left to their attempt" if result.in_flight
+               else "")
+        ),
+    )
+
+
+@queue.command("purge")
+@click.option(
+    "--status", "statuses", multiple=True, required=True,
+    type=click.Choice([_FINISHED, *_PURGEABLE]),
+    help="Message status to remove (repeatable); 'finished': any final status.",
+)
+@click.option("--older-than", required=True, help="Only messages older than this (e.g. 7d).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def queue_purge(
+    ctx: click.Context, statuses: tuple[str, ...], older_than: str, as_json: bool
+) -> None:
+    """Remove finished messages with their recipients, events and deliveries of those events."""
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        fail(f"--older-than: {exc}")
+    wanted = None if _FINISHED in statuses else frozenset(MessageStatus(s) for s in statuses)
+    settings = settings_of(ctx)
+    cutoff = time.time() - age
+
+    async def work(spool: Spool) -> int:
+        newest = await spool.list_messages(None, 1)
+        removed, after = 0, 0
+        with _progress("purging", newest[0].seq if newest else 0, as_json) as bar:
+            while True:
+                batch = await spool.purge(wanted, cutoff, after, QUEUE_BATCH)
+                removed += batch.removed
+                if batch.next_after is None:
+                    return removed
+                bar.update(batch.next_after - after)
+                after = batch.next_after
+
+    removed = with_spool(settings, work)
+    emit({"removed": removed}, as_json, lambda: click.echo(f"{removed} message(s) removed"))
+
+
+# -- db: backup and check -------------------------------------------------------------------------
+
+
+@db.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_backup(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Copy the spool to a new file PATH: online (safe while serving), consistent, checked."""
+    settings = settings_of(ctx)
+    try:
+        result = store_backup(settings.spool_path, path, settings.storage.busy_timeout)
+    except StoreError as exc:
+        fail(str(exc))
+    data = {"path": str(result.path), "size": result.size, "messages": result.messages}
+    emit(
+        data,
+        as_json,
+        lambda: click.echo(
+            f"backed up {settings.spool_path} to {result.path} "
+            f"({result.size} bytes, {result.messages} message(s))"
+        ),
+    )
+
+
+@db.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_check(ctx: click.Context, as_json: bool) -> None:
+    """Run SQLite's integrity check on the spool (exit 1 on any problem)."""
+    settings = settings_of(ctx)
+    try:
+        problems = store_check(settings.spool_path, settings.storage.busy_timeout)
+    except StoreError as exc:
+        fail(str(exc))
+    emit(
+        {"ok": not problems, "problems": problems},
+        as_json,
+        lambda: click.echo(
+            "ok" if not problems else "\n".join(f"problem: {p}" for p in problems)
+        ),
+    )
+    if problems:
+        sys.exit(1)
+
+
+@db.command("rotate-key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def db_rotate_key(ctx: click.Context, as_json: bool) -> None:
+    """Re-encrypt the spool with storage.encryption_key (opening with previous_encryption_key).
+
+    Works in batches, safe while serving; the key check moves to the new key last.
+    """
+    settings = settings_of(ctx)
+
+    async def work(spool: Spool) -> tuple[int, int]:
+        newest = await spool.list_messages(None, 1)
+        bodies, after = 0, 0
+        with _progress("re-encrypting", newest[0].seq if newest else 0, as_json) as bar:
+            while True:
+                batch = await spool.reseal(after, 100)
+                bodies += batch.removed
+                if batch.next_after is None:
+                    break
+                bar.update(batch.next_after - after)
+                after = batch.next_after
+        return bodies, await spool.finish_reseal()
+
+    bodies, domain_keys = with_spool(settings, work)
+    emit(
+        {"bodies": bodies, "domains": domain_keys},
+        as_json,
+        lambda: click.echo(
+            f"re-encrypted {bodies} body(ies) and the keys of {domain_keys} domain(s); "
+            "previous_encryption_key is no longer needed"
+        ),
+    )

@@ -33,6 +33,7 @@ from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
 from relay.reload import Apply, Prepare, Reloader, ReloadRefused
+from relay.retention import RetentionSweeper
 from relay.sessions import Sessions
 from relay.submission import SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.webhooks import WebhookDispatcher
@@ -106,7 +107,10 @@ class Service:
         """Start everything, run until `stop()` or a task dies, then shut down in order."""
         loop = asyncio.get_running_loop()
         settings = self.settings
-        spool = await Spool.open(settings)
+        try:
+            spool = await Spool.open(settings)
+        except StoreError as refused:  # e.g. a wrong or missing encryption key
+            raise StartupError(str(refused)) from None
         self.spool = self.readiness.spool = spool
         metrics = self.metrics = Metrics(spool.queue_summary)
         spool.observe(metrics)
@@ -177,6 +181,9 @@ class Service:
                 logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",
                                recovered)
             tasks["webhooks"] = asyncio.create_task(dispatcher.run(), name="webhooks")
+            tasks["retention"] = asyncio.create_task(
+                RetentionSweeper(spool, settings).run(), name="retention"
+            )
             if self.notifier.watchdog_interval is not None:
                 tasks["watchdog"] = asyncio.create_task(
                     self.notifier.run_watchdog(), name="watchdog"
@@ -249,6 +256,10 @@ class Service:
             api_server.config.timeout_graceful_shutdown = remaining
             api_server.should_exit = True
         watchdog = tasks.pop("watchdog", None)
+        # The sweep has nothing to finish: a batch it was waiting for commits all the same.
+        if (sweeper := tasks.pop("retention", None)) is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         for task in tasks.values():
             if not task.done():
                 with contextlib.suppress(TimeoutError):

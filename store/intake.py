@@ -17,7 +17,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message as EmailHeaders
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
@@ -25,6 +25,7 @@ from email.policy import default as default_policy
 import idna
 
 from store import idempotency
+from store.crypto import BODY, Sealer
 from store.errors import IdempotencyConflict, PolicyRejected, StoreError
 from store.events import append_events
 from store.ids import new_id
@@ -60,6 +61,8 @@ class IntakeLimits:
     max_message_size: int
     max_recipients: int
     idempotency_ttl: float = 86400.0
+    #: Encrypts the stored body when `storage.encryption_key` is set (store/crypto.py).
+    sealer: Sealer = field(default_factory=Sealer)
 
 
 # IDNA encoding costs tens of microseconds and the same few domains come again and again (a
@@ -193,6 +196,7 @@ def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
         id=new_id("msg"),
         submission=submission,
         content=content,
+        body=limits.sealer.seal(content, BODY),
         units=units,
         from_header=_header(headers, "From"),
         subject=_header(headers, "Subject"),
@@ -263,6 +267,7 @@ class _AcceptJob:
     id: str
     submission: Submission
     content: bytes
+    body: bytes  # as stored: sealed when encryption at rest is on
     units: list[tuple[str, str]]
     from_header: str
     subject: str
@@ -288,7 +293,7 @@ class _AcceptJob:
                 "from_header": self.from_header,
                 "subject": self.subject,
                 "size": len(self.content),
-                "body": self.content,
+                "body": self.body,
                 "tags": json.dumps([t.to_json() for t in sub.tags]),
                 "metadata": json.dumps(dict(sub.metadata)),
                 "message_type": sub.message_type.value,

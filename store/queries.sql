@@ -299,3 +299,151 @@ SELECT email FROM suppressions WHERE email IN (SELECT value FROM json_each(:emai
 
 -- name: suppression_by_email
 SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE email = :email;
+
+-- ==== operations: queue tools (summary, retry, cancel, purge) ====
+
+-- name: queue_shape
+-- Pending units by destination and age bucket: the bucket is how many of the ascending edges
+-- (seconds, a JSON array) the message's age has reached (`qshape`).
+SELECT r.domain AS domain,
+       (SELECT count(*) FROM json_each(:edges) WHERE value <= :now - m.created_at) AS bucket,
+       count(*) AS units
+FROM recipients r JOIN messages m ON m.seq = r.message_seq
+WHERE r.due_at IS NOT NULL
+GROUP BY r.domain, bucket;
+
+-- name: retry_message
+-- Waiting units of one message are due now (never a scheduled one, nor one in flight).
+UPDATE recipients SET due_at = :now, updated_at = :now
+WHERE message_seq = :seq AND status IN ('queued', 'deferred') AND due_at > :now;
+
+-- name: retry_domain
+UPDATE recipients SET due_at = :now, updated_at = :now
+WHERE id IN (
+    SELECT id FROM recipients
+    WHERE domain = :domain AND due_at > :now AND status IN ('queued', 'deferred')
+    LIMIT :limit
+);
+
+-- name: retry_all
+UPDATE recipients SET due_at = :now, updated_at = :now
+WHERE id IN (
+    SELECT id FROM recipients
+    WHERE due_at > :now AND status IN ('queued', 'deferred')
+    LIMIT :limit
+);
+
+-- name: cancel_message
+-- Units not delivered and not in flight become final 'cancelled'.
+UPDATE recipients SET status = 'cancelled', due_at = NULL, updated_at = :now
+WHERE message_seq = :seq AND status IN ('scheduled', 'queued', 'deferred')
+RETURNING id, message_seq, email;
+
+-- name: cancel_domain
+UPDATE recipients SET status = 'cancelled', due_at = NULL, updated_at = :now
+WHERE id IN (
+    SELECT id FROM recipients
+    WHERE domain = :domain AND due_at IS NOT NULL AND status IN ('scheduled', 'queued', 'deferred')
+    LIMIT :limit
+)
+RETURNING id, message_seq, email;
+
+-- name: in_flight_of_message
+SELECT count(*) FROM recipients WHERE message_seq = :seq AND status = 'sending';
+
+-- name: in_flight_of_domain
+SELECT count(*) FROM recipients WHERE domain = :domain AND due_at IS NOT NULL AND status = 'sending';
+
+-- name: message_attributes
+SELECT seq, id, tags, metadata FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: finished_messages_before
+-- Messages created before :cutoff, after the cursor, with the statuses of their recipients.
+SELECT m.seq, m.id,
+       (SELECT json_group_array(r.status) FROM recipients r WHERE r.message_seq = m.seq)
+           AS statuses
+FROM messages m
+WHERE m.seq > :after AND m.created_at < :cutoff
+ORDER BY m.seq LIMIT :limit;
+
+-- name: delete_outbox_of_messages
+DELETE FROM webhook_outbox WHERE event_id IN (
+    SELECT id FROM events WHERE message_seq IN (SELECT value FROM json_each(:seqs))
+);
+
+-- name: delete_events_of_messages
+DELETE FROM events WHERE message_seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: delete_idempotency_of_messages
+DELETE FROM idempotency_keys WHERE message_id IN (SELECT value FROM json_each(:ids));
+
+-- name: delete_messages
+-- Their recipients go with them (ON DELETE CASCADE).
+DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- ==== operations: data lifecycle (retention) ====
+
+-- name: messages_with_content_before
+-- Messages whose body is still kept, created before :cutoff, past the (created_at, seq) cursor,
+-- in the order of the partial index messages_content_kept.
+SELECT m.seq, m.created_at,
+       (SELECT json_group_array(r.status) FROM recipients r WHERE r.message_seq = m.seq)
+           AS statuses
+FROM messages m
+WHERE m.content_removed_at IS NULL AND m.created_at < :cutoff
+  AND (m.created_at, m.seq) > (:after_time, :after_seq)
+ORDER BY m.created_at, m.seq LIMIT :limit;
+
+-- name: remove_content
+UPDATE messages SET body = X'', content_removed_at = :now
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND content_removed_at IS NULL;
+
+-- name: remove_content_if_finished
+-- store_content = false: drop the body once no recipient of the message is pending.
+UPDATE messages SET body = X'', content_removed_at = :now
+WHERE seq = :seq AND content_removed_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = :seq AND r.due_at IS NOT NULL);
+
+-- name: delete_outbox_of_events_before
+DELETE FROM webhook_outbox WHERE event_id IN (
+    SELECT id FROM events WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_events_before
+DELETE FROM events WHERE id IN (
+    SELECT id FROM events WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_webhook_attempts_before
+DELETE FROM webhook_attempts WHERE id IN (
+    SELECT id FROM webhook_attempts WHERE created_at < :cutoff ORDER BY id LIMIT :limit
+);
+
+-- name: delete_idempotency_before
+DELETE FROM idempotency_keys WHERE rowid IN (
+    SELECT rowid FROM idempotency_keys WHERE created_at < :cutoff LIMIT :limit
+);
+
+-- ==== operations: encryption at rest ====
+
+-- name: meta_get
+SELECT value FROM spool_meta WHERE name = :name;
+
+-- name: meta_set
+INSERT INTO spool_meta (name, value) VALUES (:name, :value)
+ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+-- name: meta_delete
+DELETE FROM spool_meta WHERE name = :name;
+
+-- name: bodies_after
+SELECT seq, body FROM messages WHERE seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: set_body
+UPDATE messages SET body = :body WHERE seq = :seq;
+
+-- name: all_domain_keys
+SELECT name, rsa_key, ed25519_key FROM domains;
+
+-- name: set_domain_keys
+UPDATE domains SET rsa_key = :rsa_key, ed25519_key = :ed25519_key WHERE name = :name;

@@ -606,3 +606,74 @@ class Suppression:
             ),
             created_at=row["created_at"],
         )
+
+
+# -- operations: queue tools and the data lifecycle ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeRow:
+    """Pending units of one destination, by age bucket (the buckets of `QueueShape.labels`)."""
+
+    domain: str
+    total: int
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueShape:
+    """Pending units by destination and age of their message, like Postfix's `qshape`.
+
+    `labels` name the buckets by their upper bound in minutes ("5" holds ages below 5 minutes,
+    "1280+" everything older); `rows` are ordered by total, largest first.
+    """
+
+    labels: tuple[str, ...]
+    rows: tuple[ShapeRow, ...]
+
+    @property
+    def totals(self) -> tuple[int, ...]:
+        return tuple(sum(r.counts[i] for r in self.rows) for i in range(len(self.labels)))
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """What a cancel did: units made `cancelled`, and units left alone because in flight."""
+
+    cancelled: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeBatch:
+    """One batch of a purge: messages removed, and the cursor to go on from (None: done)."""
+
+    removed: int
+    next_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What a retention sweep removes: bodies of finished messages created before
+    `content_before`, finished messages and all rows (events, webhook attempts, idempotency keys)
+    created before `metadata_before`; None: keep."""
+
+    content_before: float | None
+    metadata_before: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepCursor:
+    """Where a retention sweep goes on: its phase and the last row it looked at."""
+
+    phase: int = 0
+    after_time: float = 0.0
+    after_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SweepStep:
+    """One batch of a retention sweep: rows removed, and where to go on (None: done)."""
+
+    removed: int
+    next: SweepCursor | None

@@ -9,6 +9,7 @@ methods; nothing outside `store/` would change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,7 +23,8 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, webhooks
+from store import crypto, idempotency, intake, queue, retention, webhooks
+from store.crypto import BODY, DKIM, Sealer, verify_key
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -33,6 +35,7 @@ from store.records import (
     Accepted,
     ApiKey,
     AttemptResult,
+    CancelResult,
     DeliveryJob,
     DomainKeys,
     Event,
@@ -40,19 +43,25 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageStatus,
     NewEvent,
     NewKey,
     NewWebhook,
     Outcome,
     Principal,
+    PurgeBatch,
+    QueueShape,
     QueueSummary,
     Recipient,
     RecipientStatus,
     Reply,
+    RetentionPolicy,
     Scope,
     Source,
     Submission,
     Suppression,
+    SweepCursor,
+    SweepStep,
     WebhookAttempt,
     WebhookChange,
     WebhookDelivery,
@@ -98,10 +107,12 @@ class Spool:
             max_message_size=settings.smtp.max_message_size,
             max_recipients=settings.smtp.max_recipients,
             idempotency_ttl=settings.api.idempotency_ttl,
+            sealer=Sealer.from_settings(settings),
         )
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
         self._key_secret = secret.get_secret_value().encode() if secret else None
+        self._store_content = settings.retention.store_content
         self._closed = False
         self._rotation = 0
         self._observer: SpoolObserver = NullObserver()
@@ -117,6 +128,7 @@ class Spool:
         conn = await asyncio.to_thread(connect_writer, path, timeout)
         try:
             await asyncio.to_thread(apply_migrations, conn)
+            await asyncio.to_thread(verify_key, conn, Sealer.from_settings(settings))
         except BaseException:
             conn.close()
             raise
@@ -332,7 +344,7 @@ class Spool:
                     {"domain": domain, "now": at, "lease_until": at + lease, "limit": limit},
                 ).fetchall()
                 claimed.extend(Recipient.from_row(r) for r in rows)
-            return _group_jobs(conn, claimed)
+            return _group_jobs(conn, claimed, self._limits.sealer)
 
         return await self._writer.run(job)
 
@@ -383,6 +395,8 @@ class Spool:
                 )
                 if outcome.suppress and outcome.status is RecipientStatus.BOUNCED:
                     _suppress(conn, rcpt.email, reply, job.message_seq, job.message_id, now)
+            if not self._store_content:
+                retention.remove_content_if_finished(conn, job.message_seq, now)
 
         await self._writer.run(write)
         self.notify_events()
@@ -620,6 +634,7 @@ class Spool:
 
     async def add_domain(self, keys: DomainKeys) -> None:
         """Store a sending domain with its DKIM keys; Conflict if it exists."""
+        sealer = self._limits.sealer
 
         def job(conn: sqlite3.Connection) -> None:
             if conn.execute(Q["domain_exists"], {"name": keys.name}).fetchone() is not None:
@@ -629,8 +644,10 @@ class Spool:
                 {
                     "name": keys.name,
                     "selector": keys.selector,
-                    "rsa_key": keys.rsa_key,
-                    "ed25519_key": keys.ed25519_key,
+                    "rsa_key": sealer.seal(keys.rsa_key, DKIM),
+                    "ed25519_key": (
+                        None if keys.ed25519_key is None else sealer.seal(keys.ed25519_key, DKIM)
+                    ),
                     "now": keys.created_at,
                 },
             )
@@ -642,13 +659,103 @@ class Spool:
         async with self._read() as conn:
             async with conn.execute(Q["domain_keys"], {"name": name.lower()}) as cur:
                 row = await cur.fetchone()
-        return None if row is None else DomainKeys.from_row(row)
+        if row is None:
+            return None
+        keys = DomainKeys.from_row(row)
+        sealer = self._limits.sealer
+        return dataclasses.replace(
+            keys,
+            rsa_key=sealer.open(keys.rsa_key, DKIM),
+            ed25519_key=(
+                None if keys.ed25519_key is None else sealer.open(keys.ed25519_key, DKIM)
+            ),
+        )
 
     async def suppression(self, email: str) -> Suppression | None:
         async with self._read() as conn:
             async with conn.execute(Q["suppression_by_email"], {"email": email.lower()}) as cur:
                 row = await cur.fetchone()
         return None if row is None else Suppression.from_row(row)
+
+    # -- operations: queue tools --------------------------------------------------------------
+
+    async def queue_shape(self, now: float | None = None) -> QueueShape:
+        """Pending units by destination domain and age bucket (`postroom queue summary`)."""
+        async with self._read() as conn:
+            return await queue.shape(conn, time.time() if now is None else now)
+
+    async def retry(
+        self, *, message_id: str | None = None, domain: str | None = None, limit: int = 500
+    ) -> int:
+        """Make waiting units due now: one message's, or up to `limit` of a domain or of all.
+
+        Returns how many; call again until it returns less than `limit`. Scheduled units and
+        units in flight are left alone. NotFound for an unknown message.
+        """
+        count = await self._writer.run(
+            lambda conn: queue.retry_job(conn, message_id, domain, limit, time.time())
+        )
+        if count:
+            self.work_available.set()
+        return count
+
+    async def cancel(
+        self, *, message_id: str | None = None, domain: str | None = None, limit: int = 500
+    ) -> CancelResult:
+        """Cancel units not delivered and not in flight, with their `email.cancelled` events.
+
+        By message id (all its cancellable units; NotFound if unknown) or by destination domain
+        (up to `limit` units: call again until fewer are cancelled). Units in flight are counted,
+        not touched: their attempt decides them.
+        """
+        result = await self._writer.run(
+            lambda conn: queue.cancel_job(conn, message_id, domain, limit, time.time())
+        )
+        if result.cancelled:
+            self.notify_events()
+        return result
+
+    async def purge(
+        self,
+        statuses: frozenset[MessageStatus] | None,
+        cutoff: float,
+        after: int = 0,
+        limit: int = 500,
+    ) -> PurgeBatch:
+        """Remove finished messages created before `cutoff` with all their rows, one batch.
+
+        `statuses`: only messages in these (final) statuses; None: any finished message.
+        Go on from `PurgeBatch.next_after` until it is None.
+        """
+        return await self._writer.run(
+            lambda conn: queue.purge_job(conn, statuses, cutoff, after, limit)
+        )
+
+    # -- operations: data lifecycle -----------------------------------------------------------
+
+    async def sweep(
+        self, policy: RetentionPolicy, cursor: SweepCursor, limit: int, now: float | None = None
+    ) -> SweepStep:
+        """One batch of a retention sweep (store/retention.py); go on from `SweepStep.next`."""
+        at = time.time() if now is None else now
+        return await self._writer.run(
+            lambda conn: retention.sweep_job(conn, policy, cursor, limit, at)
+        )
+
+    # -- operations: encryption at rest -------------------------------------------------------
+
+    async def reseal(self, after: int, limit: int) -> PurgeBatch:
+        """Re-encrypt up to `limit` bodies past the cursor with the current key (a key rotation).
+
+        `removed` counts the bodies rewritten; go on from `next_after` until it is None.
+        """
+        sealer = self._limits.sealer
+        return await self._writer.run(lambda conn: crypto.reseal_bodies(conn, sealer, after, limit))
+
+    async def finish_reseal(self) -> int:
+        """Re-encrypt the DKIM keys and write the key check for the current key; return keys."""
+        sealer = self._limits.sealer
+        return await self._writer.run(lambda conn: crypto.reseal_keys(conn, sealer))
 
 
 def _suppress(
@@ -694,7 +801,9 @@ def _suppress(
     )
 
 
-def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[DeliveryJob]:
+def _group_jobs(
+    conn: sqlite3.Connection, claimed: list[Recipient], sealer: Sealer
+) -> list[DeliveryJob]:
     if not claimed:
         return []
     seqs = sorted({r.message_seq for r in claimed})
@@ -711,7 +820,7 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             message_seq=seq,
             message_id=messages[seq]["id"],
             mail_from=messages[seq]["mail_from"],
-            content=bytes(messages[seq]["body"]),
+            content=sealer.open(bytes(messages[seq]["body"]), BODY),
             recipients=tuple(rcpts),
             tags=tags_from_json(messages[seq]["tags"]),
             metadata=json.loads(messages[seq]["metadata"]),
@@ -720,4 +829,3 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
         )
         for (seq, domain), rcpts in groups.items()
     ]
-
