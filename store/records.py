@@ -606,3 +606,12 @@ class Suppression:
             ),
             created_at=row["created_at"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePragmas:
+    """The durability settings the spool's connections run with (store/diagnostics.py)."""
+
+    journal_mode: str  # of the write connection: "wal"
+    synchronous: str  # of the write connection: "full"
+    readers_query_only: tuple[bool, ...]  # one per pooled read connection
