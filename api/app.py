@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -87,6 +87,7 @@ def create_app(
             errors.ApiError: errors.handle_api_error,
             StoreError: errors.handle_store_error,
             HTTPException: errors.handle_http_exception,
+            ClientDisconnect: errors.handle_client_disconnect,
             Exception: errors.handle_unexpected,
         },
     )

@@ -7,6 +7,7 @@
     ├── NotFoundError      404 not_found
     ├── Conflict           409 conflict / idempotency_key_reused / idempotency_key_in_progress
     ├── PayloadTooLarge    413 payload_too_large
+    ├── ClientClosedRequest 499 client_closed_request (the client hung up: nobody reads it)
     ├── ValidationFailed   422 validation_error (details name each field by path)
     │   └── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
     ├── ServiceUnavailable 503 service_unavailable
@@ -109,6 +110,12 @@ class PayloadTooLarge(ApiError):
     status, slug = 413, "payload_too_large"
 
 
+class ClientClosedRequest(ApiError):
+    """The client disconnected before its request was read whole."""
+
+    status, slug = 499, "client_closed_request"
+
+
 class ValidationFailed(ApiError):
     """The request is not valid."""
 
@@ -206,6 +213,15 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     error = ApiError(str(exc.detail), slug="http_error")
     error.status = exc.status_code
     return render(error)
+
+
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client that hung up mid-request is no error of ours: one log line, no traceback.
+
+    Nothing was stored (the body was never read whole); the answer goes nowhere.
+    """
+    logger.info("client disconnected during %s %s", request.method, request.url.path)
+    return render(ClientClosedRequest())
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:

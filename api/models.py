@@ -37,12 +37,14 @@ _DOT_ATOM = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*$")
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _NAME_ADDR = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^<>"]*?))\s*<([^<>]*)>\s*$')
-_CONTROLS = "\r\n\x00"
+# CR, LF and NUL, and every other character Python's `str.splitlines` breaks a line at: the
+# email package folds headers with it, so EmailMessage refuses a header value holding one.
+_CONTROLS = "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def _no_controls(value: str) -> str:
     if any(c in value for c in _CONTROLS):
-        raise ValueError("must not contain CR, LF or NUL")
+        raise ValueError("must not contain CR, LF, NUL or another line break")
     return value
 
 

@@ -75,12 +75,17 @@ class DeliveryEngine:
                 rooms, default_room = self._pacer.rooms()
                 self._spool.work_available.clear()
                 self._slot_freed.clear()
-                jobs = await self._spool.claim_due(
-                    max_units=min(free, cfg.claim_batch),
-                    per_destination=default_room,
-                    lease=cfg.lease,
-                    rooms=rooms,
-                )
+                try:
+                    jobs = await self._spool.claim_due(
+                        max_units=min(free, cfg.claim_batch),
+                        per_destination=default_room,
+                        lease=cfg.lease,
+                        rooms=rooms,
+                    )
+                except StoreError as exc:
+                    # A failed commit (write lock held too long, full disk) is the spool's
+                    # trouble, not the engine's end: try again at the next poll.
+                    logger.error("cannot claim delivery work: %s", exc)
             if jobs and self._stopping.is_set():  # stop() came during the claim: give it back
                 await self._spool.release(r.id for job in jobs for r in job.recipients)
                 break

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from config import Settings
-from store import RetentionPolicy, Spool, SweepCursor
+from store import RetentionPolicy, Spool, StoreError, SweepCursor
 
 logger = logging.getLogger(__name__)
 
@@ -60,5 +60,10 @@ class RetentionSweeper:
     async def run(self) -> None:
         """Sweep every `retention.interval`, the first time soon after start."""
         while True:
-            await self.sweep()
+            try:
+                await self.sweep()
+            except StoreError as exc:
+                # A busy or full spool is not a reason to stop the service: sweep next time.
+                logger.error("retention sweep failed, retrying in %gs: %s",
+                             self._settings.retention.interval, exc)
             await asyncio.sleep(self._settings.retention.interval)

@@ -179,12 +179,16 @@ class WebhookDispatcher:
             free = cfg.max_concurrency - len(self._running)
             claimed: list[WebhookDelivery] = []
             if free > 0 and await self._spool.has_due_webhooks(self._clock()):
-                claimed = await self._spool.claim_webhook_deliveries(
-                    max_rows=min(free, cfg.claim_batch),
-                    per_endpoint=cfg.max_concurrency_per_endpoint,
-                    busy=dict(self._busy),
-                    lease=cfg.lease,
-                )
+                try:
+                    claimed = await self._spool.claim_webhook_deliveries(
+                        max_rows=min(free, cfg.claim_batch),
+                        per_endpoint=cfg.max_concurrency_per_endpoint,
+                        busy=dict(self._busy),
+                        lease=cfg.lease,
+                    )
+                except StoreError as exc:
+                    # The spool could not commit the claim: try again at the next poll.
+                    logger.error("cannot claim webhook deliveries: %s", exc)
             for delivery in claimed:
                 self._busy[delivery.endpoint.seq] += 1
                 task = asyncio.create_task(

@@ -677,3 +677,12 @@ class SweepStep:
 
     removed: int
     next: SweepCursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePragmas:
+    """The durability settings the spool's connections run with (store/diagnostics.py)."""
+
+    journal_mode: str  # of the write connection: "wal"
+    synchronous: str  # of the write connection: "full"
+    readers_query_only: tuple[bool, ...]  # one per pooled read connection

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import crypto, idempotency, intake, queue, retention, webhooks
+from store import crypto, diagnostics, idempotency, intake, queue, retention, webhooks
 from store.crypto import BODY, DKIM, Sealer, verify_key
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
@@ -58,6 +58,7 @@ from store.records import (
     RetentionPolicy,
     Scope,
     Source,
+    StoragePragmas,
     Submission,
     Suppression,
     SweepCursor,
@@ -756,6 +757,38 @@ class Spool:
         """Re-encrypt the DKIM keys and write the key check for the current key; return keys."""
         sealer = self._limits.sealer
         return await self._writer.run(lambda conn: crypto.reseal_keys(conn, sealer))
+
+
+    # -- diagnostics --------------------------------------------------------------------------
+
+    async def storage_pragmas(self) -> StoragePragmas:
+        """The durability pragmas the writer and every pooled reader run with."""
+        if self._closed:
+            raise SpoolClosed()
+        writer = await self._writer.run(diagnostics.writer_pragmas)
+        readers = []
+        for _ in range(self._reader_count):  # every pooled reader, each taken once
+            readers.append(await self._readers.get())
+        try:
+            query_only = [await diagnostics.reader_is_query_only(conn) for conn in readers]
+        finally:
+            for conn in readers:
+                self._readers.put_nowait(conn)
+        return diagnostics.pragmas(writer, query_only)
+
+    async def integrity_check(self) -> list[str]:
+        """`PRAGMA integrity_check` through a reader: ["ok"] when the database is sound."""
+        async with self._read() as conn:
+            return await diagnostics.integrity_check(conn)
+
+    async def limit_pages(self, extra_pages: int | None) -> int:
+        """Test and diagnostic hook: cap the spool file at its size plus `extra_pages` pages.
+
+        Sets `PRAGMA max_page_count` on the write connection, so the next commit that needs more
+        room fails with SQLITE_FULL as on a full disk; None lifts the cap. Returns the cap.
+        Not for production use: nothing in Postroom calls it.
+        """
+        return await self._writer.run(lambda conn: diagnostics.limit_pages(conn, extra_pages))
 
 
 def _suppress(
