@@ -24,7 +24,9 @@ from store import (
     Event,
     EventType,
     Message,
+    MessageChange,
     Recipient,
+    Tag,
     WebhookAttempt,
     WebhookEndpoint,
     format_time,
@@ -315,8 +317,17 @@ class EventOut(BaseModel):
         )
 
 
-class MessageOut(BaseModel):
-    """The shape of `GET /v1/messages/{id}` and `postroom queue show ID --json`."""
+class TagPair(BaseModel):
+    name: str
+    value: str
+
+
+def _tag_out(tag: Tag) -> str | TagPair:
+    return tag.name if tag.value is None else TagPair(name=tag.name, value=tag.value)
+
+
+class MessageSummaryOut(BaseModel):
+    """One message in `GET /v1/messages`: everything but its events."""
 
     id: str
     status: str
@@ -324,22 +335,95 @@ class MessageOut(BaseModel):
     from_: str = Field(serialization_alias="from")
     subject: str
     recipients: list[RecipientOut]
+    tags: list[str | TagPair]
+    metadata: dict[str, str]
+    message_type: str
+    priority: str
+    scheduled_at: str | None
+    #: Sent with a test-mode key: stored and evented, never sent.
+    test: bool
+
+    @classmethod
+    def fields_of(cls, message: Message) -> dict[str, Any]:
+        return {
+            "id": message.id,
+            "status": message.status.value,
+            "created_at": format_time(message.created_at),
+            "from_": message.from_header or message.mail_from,
+            "subject": message.subject,
+            "recipients": [RecipientOut.of(r) for r in message.recipients],
+            "tags": [_tag_out(t) for t in message.tags],
+            "metadata": dict(message.metadata),
+            "message_type": message.message_type.value,
+            "priority": message.priority.value,
+            "scheduled_at": _time(message.scheduled_at),
+            "test": message.is_test,
+        }
+
+    @classmethod
+    def of(cls, message: Message) -> MessageSummaryOut:
+        return cls(**cls.fields_of(message))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class MessageOut(MessageSummaryOut):
+    """The shape of `GET /v1/messages/{id}` and `postroom queue show ID --json`."""
+
     events: list[EventOut]
 
     @classmethod
     def of(cls, message: Message) -> MessageOut:
         return cls(
-            id=message.id,
-            status=message.status.value,
-            created_at=format_time(message.created_at),
-            from_=message.from_header or message.mail_from,
-            subject=message.subject,
-            recipients=[RecipientOut.of(r) for r in message.recipients],
-            events=[EventOut.of(e) for e in message.events],
+            **cls.fields_of(message), events=[EventOut.of(e) for e in message.events]
         )
+
+
+class MessagePageOut(BaseModel):
+    """`GET /v1/messages`: newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    data: list[MessageSummaryOut]
+    next_cursor: str | None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+class UnitChangeOut(BaseModel):
+    email: str
+    status: str
+    #: cancelled / rescheduled; in_flight: an attempt holds it; final: nothing left to do.
+    result: Literal["cancelled", "rescheduled", "in_flight", "final"]
+
+
+class MessageChangeOut(BaseModel):
+    """`DELETE` and `PATCH /v1/messages/{id}`: the message's status after, and each recipient."""
+
+    id: str
+    status: str
+    scheduled_at: str | None
+    recipients: list[UnitChangeOut]
+
+    @classmethod
+    def of(cls, change: MessageChange) -> MessageChangeOut:
+        return cls(
+            id=change.message.id,
+            status=change.message.status.value,
+            scheduled_at=_time(change.message.scheduled_at),
+            recipients=[
+                UnitChangeOut(email=u.email, status=u.status.value, result=u.action.value)
+                for u in change.units
+            ],
+        )
+
+
+class MessagePatch(BaseModel):
+    """`PATCH /v1/messages/{id}`: deliver what has not been sent yet at another time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduled_at: Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(_aware)]
 
 
 class AcceptedOut(BaseModel):

@@ -220,10 +220,19 @@ def keys() -> None:
     multiple=True,
     help="Allow sending only from this domain (repeatable). Default: any domain.",
 )
+@click.option(
+    "--test", "is_test", is_flag=True,
+    help="Test mode: messages are accepted, stored and evented, never sent.",
+)
+@click.option(
+    "--rate-limit", type=click.IntRange(min=0), default=None,
+    help="Requests per minute for this key (0: unlimited). Default: api.rate_limit_per_minute.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_create(
-    ctx: click.Context, name: str, scope: str, sender_domains: tuple[str, ...], as_json: bool
+    ctx: click.Context, name: str, scope: str, sender_domains: tuple[str, ...], is_test: bool,
+    rate_limit: int | None, as_json: bool,
 ) -> None:
     """Create a key; it is shown once and stored only as a digest."""
     settings = settings_of(ctx)
@@ -232,16 +241,23 @@ def keys_create(
             normalise_domain(domain)
         except ValueError as exc:
             fail(f"--sender-domain: {exc}")
-    new = with_spool(settings, lambda spool: spool.create_key(name, Scope(scope), sender_domains))
+    new = with_spool(
+        settings,
+        lambda spool: spool.create_key(
+            name, Scope(scope), sender_domains, is_test=is_test, rate_limit=rate_limit
+        ),
+    )
     domains = list(new.key.sender_domains)
     data = {"id": new.key.id, "key": new.secret, "name": name, "scope": scope,
-            "sender_domains": domains}
+            "sender_domains": domains, "test": is_test, "rate_limit": rate_limit}
     emit(
         data,
         as_json,
         lambda: click.echo(
             f"id:    {new.key.id}\nkey:   {new.secret}\nscope: {scope}\n"
             + (f"sender domains: {', '.join(domains)}\n" if domains else "")
+            + ("test mode: messages are stored, never sent\n" if is_test else "")
+            + (f"rate limit: {rate_limit}/min\n" if rate_limit is not None else "")
             + "The key is shown only now: store it safely."
         ),
     )
@@ -263,6 +279,8 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             "created_at": format_time(k.created_at),
             "revoked_at": format_time(k.revoked_at) if k.revoked_at else None,
             "sender_domains": list(k.sender_domains),
+            "test": k.is_test,
+            "rate_limit": k.rate_limit,
         }
         for k in found
     ]
@@ -273,7 +291,8 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             domains = ",".join(row["sender_domains"]) or "*"
             click.echo(
                 f"{row['id']}  {row['hint']:<10} {row['scope']:<5} {state:<8} {row['name']}"
-                f"  from={domains}"
+                f"  from={domains}" + ("  test" if row["test"] else "")
+                + (f"  rate={row['rate_limit']}/min" if row["rate_limit"] is not None else "")
             )
 
     emit(data, as_json, human)

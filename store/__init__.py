@@ -19,6 +19,7 @@ from store.intake import domain_of, normalise_domain
 from store.observer import NullObserver, SpoolObserver
 from store.records import (
     ALL_EVENTS,
+    NEWEST,
     Accepted,
     ApiKey,
     AttemptResult,
@@ -29,6 +30,8 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageChange,
+    MessageQuery,
     MessageStatus,
     MessageType,
     NewKey,
@@ -46,6 +49,8 @@ from store.records import (
     Submission,
     Suppression,
     Tag,
+    UnitAction,
+    UnitChange,
     UrlRefusal,
     WebhookAttempt,
     WebhookChange,
@@ -61,6 +66,7 @@ from store.spool import Spool, migrate
 
 __all__ = [
     "ALL_EVENTS",
+    "NEWEST",
     "Accepted",
     "ApiKey",
     "AttemptResult",
@@ -73,6 +79,8 @@ __all__ = [
     "IdempotencyConflict",
     "IdempotencyKey",
     "Message",
+    "MessageChange",
+    "MessageQuery",
     "MessageStatus",
     "MessageType",
     "NewKey",
@@ -98,6 +106,8 @@ __all__ = [
     "Submission",
     "Suppression",
     "Tag",
+    "UnitAction",
+    "UnitChange",
     "UrlRefusal",
     "WebhookAttempt",
     "WebhookChange",

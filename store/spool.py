@@ -22,7 +22,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, webhooks
+from store import idempotency, intake, manage, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -40,6 +40,8 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageChange,
+    MessageQuery,
     NewEvent,
     NewKey,
     NewWebhook,
@@ -157,7 +159,13 @@ class Spool:
         return hashlib.sha256(secret.encode()).digest()
 
     async def create_key(
-        self, name: str, scope: Scope, sender_domains: Iterable[str] = ()
+        self,
+        name: str,
+        scope: Scope,
+        sender_domains: Iterable[str] = (),
+        *,
+        is_test: bool = False,
+        rate_limit: int | None = None,
     ) -> NewKey:
         """Create a key; its secret is returned once and stored only as a digest.
 
@@ -174,6 +182,8 @@ class Spool:
             created_at=time.time(),
             revoked_at=None,
             sender_domains=domains,
+            is_test=is_test,
+            rate_limit=rate_limit,
         )
         digest = self._digest(secret)
 
@@ -188,6 +198,8 @@ class Spool:
                     "scope": key.scope.value,
                     "now": key.created_at,
                     "sender_domains": json.dumps(list(key.sender_domains)),
+                    "test": int(key.is_test),
+                    "rate_limit": key.rate_limit,
                 },
             )
 
@@ -220,7 +232,12 @@ class Spool:
         if key.is_revoked:
             return None
         return Principal(
-            key_id=key.id, name=key.name, scope=key.scope, sender_domains=key.sender_domains
+            key_id=key.id,
+            name=key.name,
+            scope=key.scope,
+            sender_domains=key.sender_domains,
+            is_test=key.is_test,
+            rate_limit=key.rate_limit,
         )
 
     # -- intake -----------------------------------------------------------------------------
@@ -650,6 +667,32 @@ class Spool:
                 row = await cur.fetchone()
         return None if row is None else Suppression.from_row(row)
 
+    # -- managing messages: listing, cancel, reschedule ------------------------------------------
+
+    async def find_messages(self, query: MessageQuery) -> list[Message]:
+        """A page of messages matching `query`, newest first, with their recipients."""
+        async with self._read() as conn:
+            return await manage.list_page(conn, query)
+
+    async def cancel_message(self, message_id: str) -> MessageChange:
+        """Cancel what is not delivered and not in flight; NotFound for an unknown id."""
+        change = await self._writer.run(
+            lambda conn: manage.cancel_job(conn, message_id, time.time())
+        )
+        if change.changed:
+            self.notify_events()
+        return change
+
+    async def reschedule_message(self, message_id: str, at: float) -> MessageChange:
+        """Move what is not yet sent to `at`; NotFound for an unknown id."""
+        change = await self._writer.run(
+            lambda conn: manage.reschedule_job(conn, message_id, at, time.time())
+        )
+        if change.changed:
+            self.notify_events()
+            self.work_available.set()
+        return change
+
 
 def _suppress(
     conn: sqlite3.Connection,
@@ -717,6 +760,7 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             metadata=json.loads(messages[seq]["metadata"]),
             created_at=messages[seq]["created_at"],
             source=Source(messages[seq]["source"]),
+            is_test=bool(messages[seq]["test"]),
         )
         for (seq, domain), rcpts in groups.items()
     ]
