@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, events, manage, messages, webhooks
+from api import errors, events, manage, messages, stats, webhooks
 from api.ratelimit import RateLimitHeaders, RateLimits
 from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
@@ -84,6 +84,7 @@ def create_app(
         *manage.routes,
         *events.routes,
         *webhooks.routes,
+        *stats.routes,
     ]
     app = Starlette(
         routes=routes,

@@ -58,7 +58,8 @@ def decode_cursor(value: str) -> int:
     return int(body)
 
 
-def _time(query: QueryParams, name: str) -> float | None:
+def parse_time(query: QueryParams, name: str) -> float | None:
+    """An ISO 8601 date-time query parameter (with a time zone) as UNIX time."""
     value = query.get(name)
     if value is None or value == "":
         return None
@@ -83,8 +84,8 @@ def parse_query(query: QueryParams) -> MessageQuery:
         recipient=query.get("recipient") or None,
         mail_from=query.get("from") or None,
         tag=query.get("tag") or None,
-        created_after=_time(query, "created_after"),
-        created_before=_time(query, "created_before"),
+        created_after=parse_time(query, "created_after"),
+        created_before=parse_time(query, "created_before"),
         before_seq=decode_cursor(cursor) if cursor else NEWEST,
         limit=parse_limit(query.get("limit")),
     )

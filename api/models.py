@@ -26,6 +26,9 @@ from store import (
     Message,
     MessageChange,
     Recipient,
+    RecipientStatus,
+    StatsGroup,
+    StatsGrouping,
     Tag,
     WebhookAttempt,
     WebhookEndpoint,
@@ -583,3 +586,66 @@ class ReplayRequest(BaseModel):
         if (self.event_id is None) == (self.since is None):
             raise ValueError("give either event_id or since")
         return self
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+
+class LatencyOut(BaseModel):
+    """Seconds from queued (or the scheduled time) to delivered, nearest-rank percentiles."""
+
+    median: float | None
+    p95: float | None
+
+
+class StatsGroupOut(BaseModel):
+    group: str | None
+    recipients: int
+    #: Recipients by current status (every status, zero included).
+    counts: dict[str, int]
+    #: bounced / (delivered + bounced); null before any of either.
+    bounce_rate: float | None
+    #: Recipients deferred at least once / recipients attempted at least once.
+    deferral_rate: float | None
+    latency_seconds: LatencyOut
+
+    @classmethod
+    def of(cls, group: StatsGroup) -> StatsGroupOut:
+        return cls(
+            group=group.group,
+            recipients=group.total,
+            counts={s.value: group.counts.get(s, 0) for s in RecipientStatus},
+            bounce_rate=_rate(group.bounce_rate),
+            deferral_rate=_rate(group.deferral_rate),
+            latency_seconds=LatencyOut(
+                median=_seconds(group.latency_p50), p95=_seconds(group.latency_p95)
+            ),
+        )
+
+
+class StatsOut(BaseModel):
+    """`GET /v1/stats` and `postroom stats --json`: recipients of the messages in the window."""
+
+    since: str
+    until: str
+    group_by: Literal["day", "domain", "tag"] | None
+    data: list[StatsGroupOut]
+
+    @classmethod
+    def of(
+        cls, since: float, until: float, group_by: StatsGrouping | None, groups: list[StatsGroup]
+    ) -> StatsOut:
+        return cls(
+            since=format_time(since),
+            until=format_time(until),
+            group_by=group_by.value if group_by else None,
+            data=[StatsGroupOut.of(g) for g in groups],
+        )
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

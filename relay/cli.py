@@ -24,8 +24,15 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
-from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
+from api.models import EventItemOut, MessageOut, StatsOut, WebhookCreate, WebhookOut
+from config import (
+    EXAMPLE_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_duration,
+    resolve_config_path,
+)
 from relay import logs
 from relay.egress import Egress
 from relay.egress import build_resolver as build_webhook_resolver
@@ -42,6 +49,7 @@ from store import (
     RecipientStatus,
     Scope,
     Spool,
+    StatsGrouping,
     StoreError,
     UrlRefusal,
     format_time,
@@ -613,3 +621,75 @@ def events_tail(
 
     with contextlib.suppress(KeyboardInterrupt):
         with_spool(settings, work)
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+
+def _when(value: str | None, option: str, now: float) -> float | None:
+    """An ISO 8601 date-time, or a duration ago ("7d", "12h")."""
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: expected a date-time such as 2026-11-23T00:00Z or a duration such as 7d")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+@cli.command()
+@click.option("--since", help="Start: a date-time (UTC unless given) or a duration ago (7d).")
+@click.option("--until", help="End (exclusive): a date-time or a duration ago. Default: now.")
+@click.option("--group-by", type=click.Choice([g.value for g in StatsGrouping]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the shape of GET /v1/stats).")
+@click.pass_context
+def stats(
+    ctx: click.Context, since: str | None, until: str | None, group_by: str | None,
+    as_json: bool,
+) -> None:
+    """Delivery figures for the messages accepted in a window (default: the last 7 days)."""
+    settings = settings_of(ctx)
+    now = time.time()
+    end = _when(until, "--until", now) or now
+    start = _when(since, "--since", now)
+    start = end - 7 * 86400.0 if start is None else start
+    if start >= end:
+        fail("--since must be before --until")
+    grouping = StatsGrouping(group_by) if group_by else None
+    groups = with_spool(settings, lambda spool: spool.stats(start, end, grouping))
+    data = StatsOut.of(start, end, grouping, groups).model_dump(mode="json")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value * 100:.1f}%"
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s"
+
+    def human() -> None:
+        click.echo(f"messages accepted {data['since']} .. {data['until']}")
+        header = ("group", "rcpts", "delivered", "pending", "deferred", "bounced", "failed",
+                  "suppressed", "cancelled", "bounce", "deferral", "p50", "p95")
+        rows = [header]
+        for g in data["data"]:
+            c = g["counts"]
+            pending = c["scheduled"] + c["queued"] + c["sending"]
+            rows.append((
+                g["group"] or "all", str(g["recipients"]), str(c["delivered"]), str(pending),
+                str(c["deferred"]), str(c["bounced"]), str(c["failed"]), str(c["suppressed"]),
+                str(c["cancelled"]), pct(g["bounce_rate"]), pct(g["deferral_rate"]),
+                secs(g["latency_seconds"]["median"]), secs(g["latency_seconds"]["p95"]),
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            click.echo("  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip())
+
+    emit(data, as_json, human)

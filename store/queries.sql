@@ -314,11 +314,11 @@ SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE e
 SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
-WHERE m.seq < :before
-  AND m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+WHERE m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
                           ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
-  AND m.seq <= coalesce((SELECT seq FROM messages WHERE created_at < :created_before
-                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND m.seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
   AND m.created_at >= :created_after AND m.created_at < :created_before
   AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
   AND (:tag IS NULL OR EXISTS (
@@ -335,11 +335,11 @@ SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_he
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM recipients r JOIN messages m ON m.seq = r.message_seq
 LEFT JOIN api_keys k ON k.id = m.api_key_id
-WHERE r.email = :recipient COLLATE NOCASE AND r.message_seq < :before
-  AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+WHERE r.email = :recipient COLLATE NOCASE AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
                           ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
-  AND r.message_seq <= coalesce((SELECT seq FROM messages WHERE created_at < :created_before
-                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND r.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
   AND m.created_at >= :created_after AND m.created_at < :created_before
   AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
   AND (:tag IS NULL OR EXISTS (
@@ -356,11 +356,11 @@ SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_he
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM message_tags t JOIN messages m ON m.seq = t.message_seq
 LEFT JOIN api_keys k ON k.id = m.api_key_id
-WHERE t.name = :tag AND t.message_seq < :before
-  AND t.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+WHERE t.name = :tag AND t.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
                           ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
-  AND t.message_seq <= coalesce((SELECT seq FROM messages WHERE created_at < :created_before
-                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND t.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
   AND m.created_at >= :created_after AND m.created_at < :created_before
   AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
   AND (:tag IS NULL OR EXISTS (
@@ -376,11 +376,11 @@ ORDER BY t.message_seq DESC LIMIT :limit;
 SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
-WHERE m.mail_from = :mail_from COLLATE NOCASE AND m.seq < :before
-  AND m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+WHERE m.mail_from = :mail_from COLLATE NOCASE AND m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
                           ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
-  AND m.seq <= coalesce((SELECT seq FROM messages WHERE created_at < :created_before
-                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND m.seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
   AND m.created_at >= :created_after AND m.created_at < :created_before
   AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
   AND (:tag IS NULL OR EXISTS (
@@ -397,11 +397,11 @@ SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_he
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM recipients r JOIN messages m ON m.seq = r.message_seq
 LEFT JOIN api_keys k ON k.id = m.api_key_id
-WHERE r.status = :status AND r.message_seq < :before
-  AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+WHERE r.status = :status AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
                           ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
-  AND r.message_seq <= coalesce((SELECT seq FROM messages WHERE created_at < :created_before
-                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND r.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
   AND m.created_at >= :created_after AND m.created_at < :created_before
   AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
   AND (:tag IS NULL OR EXISTS (
@@ -433,3 +433,102 @@ RETURNING id;
 
 -- name: set_message_schedule
 UPDATE messages SET scheduled_at = :at WHERE seq = :seq;
+
+-- ==== stats ====
+-- GET /v1/stats and `postroom stats`: recipients of the messages accepted in [since, until), by
+-- status, per group. The window is found through messages_created; latency percentiles are
+-- nearest-rank (rank = ceil(p/100 * n)) with window functions, so no value list leaves SQLite.
+
+-- name: stats_counts_total
+SELECT '' AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_total
+WITH d AS (
+    SELECT '' AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_day
+SELECT date(m.created_at, 'unixepoch') AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_day
+WITH d AS (
+    SELECT date(m.created_at, 'unixepoch') AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_domain
+SELECT r.domain AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_domain
+WITH d AS (
+    SELECT r.domain AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_tag
+SELECT t.name AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+JOIN message_tags t ON t.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_tag
+WITH d AS (
+    SELECT t.name AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    JOIN message_tags t ON t.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;

@@ -685,3 +685,36 @@ class MessageChange:
         return sum(
             u.action in (UnitAction.CANCELLED, UnitAction.RESCHEDULED) for u in self.units
         )
+
+
+class StatsGrouping(StrEnum):
+    DAY = "day"  # UTC calendar day of acceptance
+    DOMAIN = "domain"  # recipient domain
+    TAG = "tag"  # tag name (a message with two tags counts in both)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsGroup:
+    """Delivery figures of the recipients of messages accepted in a window, for one group."""
+
+    group: str | None  # None when not grouped
+    counts: Mapping[RecipientStatus, int]
+    attempted: int  # recipients with at least one delivery attempt
+    deferred: int  # recipients deferred at least once
+    latency_p50: float | None  # seconds from queued (or scheduled time) to delivered
+    latency_p95: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def bounce_rate(self) -> float | None:
+        """Bounced over delivered + bounced; None before any of either."""
+        done = self.counts[RecipientStatus.DELIVERED] + self.counts[RecipientStatus.BOUNCED]
+        return self.counts[RecipientStatus.BOUNCED] / done if done else None
+
+    @property
+    def deferral_rate(self) -> float | None:
+        """Recipients deferred at least once over recipients attempted at least once."""
+        return self.deferred / self.attempted if self.attempted else None

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, manage, webhooks
+from store import idempotency, intake, manage, stats, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -53,6 +53,8 @@ from store.records import (
     Reply,
     Scope,
     Source,
+    StatsGroup,
+    StatsGrouping,
     Submission,
     Suppression,
     WebhookAttempt,
@@ -692,6 +694,15 @@ class Spool:
             self.notify_events()
             self.work_available.set()
         return change
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    async def stats(
+        self, since: float, until: float, group_by: StatsGrouping | None = None
+    ) -> list[StatsGroup]:
+        """Delivery figures for the messages accepted in [since, until) (store/stats.py)."""
+        async with self._read() as conn:
+            return await stats.stats(conn, since, until, group_by)
 
 
 def _suppress(
