@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, events, manage, messages, stats, webhooks
+from api import errors, events, manage, messages, openapi, stats, webhooks
 from api.ratelimit import RateLimitHeaders, RateLimits
 from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
@@ -76,6 +76,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint(openapi.document()), methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
         Route("/v1/messages/batch", messages.send_batch, methods=["POST"]),
         Route("/v1/send", messages.send_compat, methods=["POST"]),

@@ -468,6 +468,8 @@ class EventItemOut(BaseModel):
 class EventPageOut(BaseModel):
     data: list[EventItemOut]
     next_cursor: str | None
+    #: False: caught up; poll again with `next_cursor` as `after`.
+    has_more: bool = False
 
 
 def _event_types(value: Any) -> Any:
@@ -649,3 +651,68 @@ def _rate(value: float | None) -> float | None:
 
 def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+# -- the rest of the published contract (api/openapi.py) ----------------------------------------
+
+
+class ErrorDetailOut(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error: a stable slug, a sentence for humans, and the fields at fault."""
+
+    error: str
+    message: str
+    details: list[ErrorDetailOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+class CompatAcceptedOut(AcceptedOut):
+    """`POST /v1/send`: the accepted message and the idempotency key it was stored under."""
+
+    idempotency_key: str
+
+
+class BatchAcceptedOut(AcceptedOut):
+    replayed: bool = False  # present and true when an idempotency key replayed it
+    idempotency_key: str = ""  # present on the channel-tagged routes
+
+
+class BatchErrorOut(ErrorOut):
+    idempotency_key: str = ""  # present on the channel-tagged routes
+
+
+class BatchOut(BaseModel):
+    """A batch's answer, in the request's order: `200` when all were accepted, else `207`."""
+
+    data: list[BatchAcceptedOut | BatchErrorOut]
+
+
+class WebhookListOut(BaseModel):
+    data: list[WebhookOut]
+
+
+class WebhookTestOut(BaseModel):
+    status_code: int | None
+    success: bool
+    latency_ms: int
+    error: str | None
+
+
+class DeliveriesOut(BaseModel):
+    data: list[AttemptOut]
+    next_before: int | None
+
+
+class ReplayOut(BaseModel):
+    queued: int
