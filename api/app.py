@@ -7,6 +7,8 @@ is stopping new requests get `503 service_unavailable`.
 
 from __future__ import annotations
 
+import time
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -14,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, events, messages, webhooks
+from api import errors, events, manage, messages, openapi, stats, webhooks
+from api.ratelimit import RateLimitHeaders, RateLimits
 from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
 from config import Settings
@@ -73,13 +76,16 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint(openapi.document()), methods=["GET"]),
         Route("/v1/messages", messages.send_message, methods=["POST"]),
         Route("/v1/messages/batch", messages.send_batch, methods=["POST"]),
         Route("/v1/send", messages.send_compat, methods=["POST"]),
         Route("/v1/send/batch", messages.send_compat_batch, methods=["POST"]),
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
+        *manage.routes,
         *events.routes,
         *webhooks.routes,
+        *stats.routes,
     ]
     app = Starlette(
         routes=routes,
@@ -103,6 +109,8 @@ def create_app(
         webhooks=gateway,
         domains=domains,
         metrics=metrics_exporter,
+        limits=RateLimits(settings.api.auth_failures_per_minute, time.monotonic),
     )
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

@@ -10,6 +10,7 @@
     ├── ClientClosedRequest 499 client_closed_request (the client hung up: nobody reads it)
     ├── ValidationFailed   422 validation_error (details name each field by path)
     │   └── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
+    ├── TooManyRequests    429 too_many_requests (with Retry-After)
     ├── ServiceUnavailable 503 service_unavailable
     └── InsufficientStorage 507 insufficient_storage
 
@@ -126,6 +127,12 @@ class InvalidRecipient(ValidationFailed):
     """A recipient's domain cannot receive mail."""
 
     slug = "invalid_recipient"
+
+
+class TooManyRequests(ApiError):
+    """Too many requests; wait for the number of seconds in Retry-After."""
+
+    status, slug = 429, "too_many_requests"
 
 
 class ServiceUnavailable(ApiError):

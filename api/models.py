@@ -24,7 +24,12 @@ from store import (
     Event,
     EventType,
     Message,
+    MessageChange,
     Recipient,
+    RecipientStatus,
+    StatsGroup,
+    StatsGrouping,
+    Tag,
     WebhookAttempt,
     WebhookEndpoint,
     format_time,
@@ -317,8 +322,17 @@ class EventOut(BaseModel):
         )
 
 
-class MessageOut(BaseModel):
-    """The shape of `GET /v1/messages/{id}` and `postroom queue show ID --json`."""
+class TagPair(BaseModel):
+    name: str
+    value: str
+
+
+def _tag_out(tag: Tag) -> str | TagPair:
+    return tag.name if tag.value is None else TagPair(name=tag.name, value=tag.value)
+
+
+class MessageSummaryOut(BaseModel):
+    """One message in `GET /v1/messages`: everything but its events."""
 
     id: str
     status: str
@@ -326,22 +340,95 @@ class MessageOut(BaseModel):
     from_: str = Field(serialization_alias="from")
     subject: str
     recipients: list[RecipientOut]
+    tags: list[str | TagPair]
+    metadata: dict[str, str]
+    message_type: str
+    priority: str
+    scheduled_at: str | None
+    #: Sent with a test-mode key: stored and evented, never sent.
+    test: bool
+
+    @classmethod
+    def fields_of(cls, message: Message) -> dict[str, Any]:
+        return {
+            "id": message.id,
+            "status": message.status.value,
+            "created_at": format_time(message.created_at),
+            "from_": message.from_header or message.mail_from,
+            "subject": message.subject,
+            "recipients": [RecipientOut.of(r) for r in message.recipients],
+            "tags": [_tag_out(t) for t in message.tags],
+            "metadata": dict(message.metadata),
+            "message_type": message.message_type.value,
+            "priority": message.priority.value,
+            "scheduled_at": _time(message.scheduled_at),
+            "test": message.is_test,
+        }
+
+    @classmethod
+    def of(cls, message: Message) -> MessageSummaryOut:
+        return cls(**cls.fields_of(message))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class MessageOut(MessageSummaryOut):
+    """The shape of `GET /v1/messages/{id}` and `postroom queue show ID --json`."""
+
     events: list[EventOut]
 
     @classmethod
     def of(cls, message: Message) -> MessageOut:
         return cls(
-            id=message.id,
-            status=message.status.value,
-            created_at=format_time(message.created_at),
-            from_=message.from_header or message.mail_from,
-            subject=message.subject,
-            recipients=[RecipientOut.of(r) for r in message.recipients],
-            events=[EventOut.of(e) for e in message.events],
+            **cls.fields_of(message), events=[EventOut.of(e) for e in message.events]
         )
+
+
+class MessagePageOut(BaseModel):
+    """`GET /v1/messages`: newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    data: list[MessageSummaryOut]
+    next_cursor: str | None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+class UnitChangeOut(BaseModel):
+    email: str
+    status: str
+    #: cancelled / rescheduled; in_flight: an attempt holds it; final: nothing left to do.
+    result: Literal["cancelled", "rescheduled", "in_flight", "final"]
+
+
+class MessageChangeOut(BaseModel):
+    """`DELETE` and `PATCH /v1/messages/{id}`: the message's status after, and each recipient."""
+
+    id: str
+    status: str
+    scheduled_at: str | None
+    recipients: list[UnitChangeOut]
+
+    @classmethod
+    def of(cls, change: MessageChange) -> MessageChangeOut:
+        return cls(
+            id=change.message.id,
+            status=change.message.status.value,
+            scheduled_at=_time(change.message.scheduled_at),
+            recipients=[
+                UnitChangeOut(email=u.email, status=u.status.value, result=u.action.value)
+                for u in change.units
+            ],
+        )
+
+
+class MessagePatch(BaseModel):
+    """`PATCH /v1/messages/{id}`: deliver what has not been sent yet at another time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduled_at: Annotated[datetime, BeforeValidator(_iso_string), AfterValidator(_aware)]
 
 
 class AcceptedOut(BaseModel):
@@ -383,6 +470,8 @@ class EventItemOut(BaseModel):
 class EventPageOut(BaseModel):
     data: list[EventItemOut]
     next_cursor: str | None
+    #: False: caught up; poll again with `next_cursor` as `after`.
+    has_more: bool = False
 
 
 def _event_types(value: Any) -> Any:
@@ -501,3 +590,131 @@ class ReplayRequest(BaseModel):
         if (self.event_id is None) == (self.since is None):
             raise ValueError("give either event_id or since")
         return self
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+
+class LatencyOut(BaseModel):
+    """Seconds from queued (or the scheduled time) to delivered, nearest-rank percentiles."""
+
+    median: float | None
+    p95: float | None
+
+
+class StatsGroupOut(BaseModel):
+    group: str | None
+    recipients: int
+    #: Recipients by current status (every status, zero included).
+    counts: dict[str, int]
+    #: bounced / (delivered + bounced); null before any of either.
+    bounce_rate: float | None
+    #: Recipients deferred at least once / recipients attempted at least once.
+    deferral_rate: float | None
+    latency_seconds: LatencyOut
+
+    @classmethod
+    def of(cls, group: StatsGroup) -> StatsGroupOut:
+        return cls(
+            group=group.group,
+            recipients=group.total,
+            counts={s.value: group.counts.get(s, 0) for s in RecipientStatus},
+            bounce_rate=_rate(group.bounce_rate),
+            deferral_rate=_rate(group.deferral_rate),
+            latency_seconds=LatencyOut(
+                median=_seconds(group.latency_p50), p95=_seconds(group.latency_p95)
+            ),
+        )
+
+
+class StatsOut(BaseModel):
+    """`GET /v1/stats` and `postroom stats --json`: recipients of the messages in the window."""
+
+    since: str
+    until: str
+    group_by: Literal["day", "domain", "tag"] | None
+    data: list[StatsGroupOut]
+
+    @classmethod
+    def of(
+        cls, since: float, until: float, group_by: StatsGrouping | None, groups: list[StatsGroup]
+    ) -> StatsOut:
+        return cls(
+            since=format_time(since),
+            until=format_time(until),
+            group_by=group_by.value if group_by else None,
+            data=[StatsGroupOut.of(g) for g in groups],
+        )
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+# -- the rest of the published contract (api/openapi.py) ----------------------------------------
+
+
+class ErrorDetailOut(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error: a stable slug, a sentence for humans, and the fields at fault."""
+
+    error: str
+    message: str
+    details: list[ErrorDetailOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+class CompatAcceptedOut(AcceptedOut):
+    """`POST /v1/send`: the accepted message and the idempotency key it was stored under."""
+
+    idempotency_key: str
+
+
+class BatchAcceptedOut(AcceptedOut):
+    replayed: bool = False  # present and true when an idempotency key replayed it
+    idempotency_key: str = ""  # present on the channel-tagged routes
+
+
+class BatchErrorOut(ErrorOut):
+    idempotency_key: str = ""  # present on the channel-tagged routes
+
+
+class BatchOut(BaseModel):
+    """A batch's answer, in the request's order: `200` when all were accepted, else `207`."""
+
+    data: list[BatchAcceptedOut | BatchErrorOut]
+
+
+class WebhookListOut(BaseModel):
+    data: list[WebhookOut]
+
+
+class WebhookTestOut(BaseModel):
+    status_code: int | None
+    success: bool
+    latency_ms: int
+    error: str | None
+
+
+class DeliveriesOut(BaseModel):
+    data: list[AttemptOut]
+    next_before: int | None
+
+
+class ReplayOut(BaseModel):
+    queued: int

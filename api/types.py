@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from api.ratelimit import RateLimits
 from api.recipient_domains import RecipientDomains
 from config import Settings
 from store import AttemptResult, Spool, UrlRefusal, WebhookEndpoint
@@ -44,3 +45,5 @@ class AppState:
     #: None when `api.check_recipient_domains` is off.
     domains: RecipientDomains | None = None
     metrics: MetricsExporter | None = None
+    #: None: no limits at all (only for apps built without create_app's defaults).
+    limits: RateLimits | None = None

@@ -181,6 +181,11 @@ class ApiSettings(Section):
     max_recipients_per_field: int = Field(default=50, ge=1)
     check_recipient_domains: bool = True
     recipient_domain_cache_size: int = Field(default=10_000, ge=1)
+    # Requests per minute per API key (bursts up to the same number); 0: unlimited. A key's own
+    # `--rate-limit` overrides it.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    # Failed authentications per minute per client address; past it, 429 before any key lookup.
+    auth_failures_per_minute: int = Field(default=30, ge=1)
 
 
 class RouteSettings(Section):

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
+from api.models import EventItemOut, MessageOut, StatsOut, WebhookCreate, WebhookOut
 from config import (
     EXAMPLE_CONFIG,
     ConfigError,
@@ -51,6 +51,7 @@ from store import (
     RecipientStatus,
     Scope,
     Spool,
+    StatsGrouping,
     StoreError,
     UrlRefusal,
     format_time,
@@ -231,10 +232,19 @@ def keys() -> None:
     multiple=True,
     help="Allow sending only from this domain (repeatable). Default: any domain.",
 )
+@click.option(
+    "--test", "is_test", is_flag=True,
+    help="Test mode: messages are accepted, stored and evented, never sent.",
+)
+@click.option(
+    "--rate-limit", type=click.IntRange(min=0), default=None,
+    help="Requests per minute for this key (0: unlimited). Default: api.rate_limit_per_minute.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_create(
-    ctx: click.Context, name: str, scope: str, sender_domains: tuple[str, ...], as_json: bool
+    ctx: click.Context, name: str, scope: str, sender_domains: tuple[str, ...], is_test: bool,
+    rate_limit: int | None, as_json: bool,
 ) -> None:
     """Create a key; it is shown once and stored only as a digest."""
     settings = settings_of(ctx)
@@ -243,16 +253,23 @@ def keys_create(
             normalise_domain(domain)
         except ValueError as exc:
             fail(f"--sender-domain: {exc}")
-    new = with_spool(settings, lambda spool: spool.create_key(name, Scope(scope), sender_domains))
+    new = with_spool(
+        settings,
+        lambda spool: spool.create_key(
+            name, Scope(scope), sender_domains, is_test=is_test, rate_limit=rate_limit
+        ),
+    )
     domains = list(new.key.sender_domains)
     data = {"id": new.key.id, "key": new.secret, "name": name, "scope": scope,
-            "sender_domains": domains}
+            "sender_domains": domains, "test": is_test, "rate_limit": rate_limit}
     emit(
         data,
         as_json,
         lambda: click.echo(
             f"id:    {new.key.id}\nkey:   {new.secret}\nscope: {scope}\n"
             + (f"sender domains: {', '.join(domains)}\n" if domains else "")
+            + ("test mode: messages are stored, never sent\n" if is_test else "")
+            + (f"rate limit: {rate_limit}/min\n" if rate_limit is not None else "")
             + "The key is shown only now: store it safely."
         ),
     )
@@ -274,6 +291,8 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             "created_at": format_time(k.created_at),
             "revoked_at": format_time(k.revoked_at) if k.revoked_at else None,
             "sender_domains": list(k.sender_domains),
+            "test": k.is_test,
+            "rate_limit": k.rate_limit,
         }
         for k in found
     ]
@@ -284,7 +303,8 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
             domains = ",".join(row["sender_domains"]) or "*"
             click.echo(
                 f"{row['id']}  {row['hint']:<10} {row['scope']:<5} {state:<8} {row['name']}"
-                f"  from={domains}"
+                f"  from={domains}" + ("  test" if row["test"] else "")
+                + (f"  rate={row['rate_limit']}/min" if row["rate_limit"] is not None else "")
             )
 
     emit(data, as_json, human)
@@ -852,3 +872,73 @@ def db_rotate_key(ctx: click.Context, as_json: bool) -> None:
             "previous_encryption_key is no longer needed"
         ),
     )
+# -- stats --------------------------------------------------------------------------------------
+
+
+def _when(value: str | None, option: str, now: float) -> float | None:
+    """An ISO 8601 date-time, or a duration ago ("7d", "12h")."""
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{option}: expected a date-time such as 2026-11-23T00:00Z or a duration such as 7d")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+@cli.command()
+@click.option("--since", help="Start: a date-time (UTC unless given) or a duration ago (7d).")
+@click.option("--until", help="End (exclusive): a date-time or a duration ago. Default: now.")
+@click.option("--group-by", type=click.Choice([g.value for g in StatsGrouping]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the shape of GET /v1/stats).")
+@click.pass_context
+def stats(
+    ctx: click.Context, since: str | None, until: str | None, group_by: str | None,
+    as_json: bool,
+) -> None:
+    """Delivery figures for the messages accepted in a window (default: the last 7 days)."""
+    settings = settings_of(ctx)
+    now = time.time()
+    end = _when(until, "--until", now) or now
+    start = _when(since, "--since", now)
+    start = end - 7 * 86400.0 if start is None else start
+    if start >= end:
+        fail("--since must be before --until")
+    grouping = StatsGrouping(group_by) if group_by else None
+    groups = with_spool(settings, lambda spool: spool.stats(start, end, grouping))
+    data = StatsOut.of(start, end, grouping, groups).model_dump(mode="json")
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value * 100:.1f}%"
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s"
+
+    def human() -> None:
+        click.echo(f"messages accepted {data['since']} .. {data['until']}")
+        header = ("group", "rcpts", "delivered", "pending", "deferred", "bounced", "failed",
+                  "suppressed", "cancelled", "bounce", "deferral", "p50", "p95")
+        rows = [header]
+        for g in data["data"]:
+            c = g["counts"]
+            pending = c["scheduled"] + c["queued"] + c["sending"]
+            rows.append((
+                g["group"] or "all", str(g["recipients"]), str(c["delivered"]), str(pending),
+                str(c["deferred"]), str(c["bounced"]), str(c["failed"]), str(c["suppressed"]),
+                str(c["cancelled"]), pct(g["bounce_rate"]), pct(g["deferral_rate"]),
+                secs(g["latency_seconds"]["median"]), secs(g["latency_seconds"]["p95"]),
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            click.echo("  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip())
+
+    emit(data, as_json, human)

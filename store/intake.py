@@ -282,6 +282,8 @@ class _AcceptJob:
         attributes = attribute_data(sub.tags, sub.metadata)
         if scheduled:
             attributes["scheduled_at"] = format_time(due_at)
+        if sub.principal is not None and sub.principal.is_test:
+            attributes["test"] = True
         cur = conn.execute(
             Q["insert_message"],
             {

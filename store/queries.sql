@@ -1,15 +1,15 @@
 -- Every SQL statement Postroom runs, by name (`-- name: NAME`). Loaded once by store/sql.py.
 
 -- name: insert_key
-INSERT INTO api_keys (id, name, digest, hint, scope, created_at, sender_domains)
-VALUES (:id, :name, :digest, :hint, :scope, :now, :sender_domains);
+INSERT INTO api_keys (id, name, digest, hint, scope, created_at, sender_domains, test, rate_limit)
+VALUES (:id, :name, :digest, :hint, :scope, :now, :sender_domains, :test, :rate_limit);
 
 -- name: key_by_digest
-SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains
+SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains, test, rate_limit
 FROM api_keys WHERE digest = :digest;
 
 -- name: list_keys
-SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains
+SELECT id, name, digest, hint, scope, created_at, revoked_at, sender_domains, test, rate_limit
 FROM api_keys ORDER BY created_at, id;
 
 -- name: revoke_key
@@ -33,8 +33,9 @@ INSERT INTO events (created_at, type, message_seq, recipient, data)
 VALUES (:now, :type, :message_seq, :recipient, :data);
 
 -- name: message_by_id
-SELECT seq, id, created_at, source, api_key_id, mail_from, from_header, subject, size
-FROM messages WHERE id = :id;
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id WHERE m.id = :id;
 
 -- name: message_body
 SELECT body FROM messages WHERE seq = :seq;
@@ -49,11 +50,12 @@ SELECT id, created_at, type, message_seq, recipient, data
 FROM events WHERE message_seq = :seq ORDER BY id;
 
 -- name: list_messages
-SELECT seq, id, created_at, source, api_key_id, mail_from, from_header, subject, size
-FROM messages
-WHERE (:status IS NULL OR seq IN (SELECT message_seq FROM recipients WHERE status = :status))
-  AND seq < :before
-ORDER BY seq DESC LIMIT :limit;
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE (:status IS NULL OR m.seq IN (SELECT message_seq FROM recipients WHERE status = :status))
+  AND m.seq < :before
+ORDER BY m.seq DESC LIMIT :limit;
 
 -- name: recipients_of_messages
 SELECT id, message_seq, email, domain, status, priority, attempts, due_at, last_code,
@@ -79,8 +81,10 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, created_at, source, mail_from, body, tags, metadata
-FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
+SELECT m.seq, m.id, m.created_at, m.source, m.mail_from, m.body, m.tags, m.metadata,
+       coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE m.seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome
 UPDATE recipients
@@ -447,3 +451,232 @@ SELECT name, rsa_key, ed25519_key FROM domains;
 
 -- name: set_domain_keys
 UPDATE domains SET rsa_key = :rsa_key, ed25519_key = :ed25519_key WHERE name = :name;
+-- ==== managing messages: listing, cancel, reschedule ====
+-- GET /v1/messages pages newest first by seq (a keyset cursor: rows inserted while a client pages
+-- land above it, so pages neither repeat nor skip a message). One query per driving index, the
+-- other filters checked per candidate. Time filters become seq bounds first: seq is acceptance
+-- order and the single writer stamps created_at in that order, so created_at grows with seq and
+-- a window of times is a window of seqs, found with two probes of messages_created.
+
+-- name: messages_page
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+                          ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND m.seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
+  AND m.created_at >= :created_after AND m.created_at < :created_before
+  AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
+  AND (:tag IS NULL OR EXISTS (
+      SELECT 1 FROM message_tags t2 WHERE t2.name = :tag AND t2.message_seq = m.seq))
+  AND (:recipient IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r2 WHERE r2.message_seq = m.seq
+      AND r2.email = :recipient COLLATE NOCASE AND (:status IS NULL OR r2.status = :status)))
+  AND (:status IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r3 WHERE r3.message_seq = m.seq AND r3.status = :status))
+ORDER BY m.seq DESC LIMIT :limit;
+
+-- name: messages_page_by_recipient
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM recipients r JOIN messages m ON m.seq = r.message_seq
+LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE r.email = :recipient COLLATE NOCASE AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+                          ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND r.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
+  AND m.created_at >= :created_after AND m.created_at < :created_before
+  AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
+  AND (:tag IS NULL OR EXISTS (
+      SELECT 1 FROM message_tags t2 WHERE t2.name = :tag AND t2.message_seq = m.seq))
+  AND (:recipient IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r2 WHERE r2.message_seq = m.seq
+      AND r2.email = :recipient COLLATE NOCASE AND (:status IS NULL OR r2.status = :status)))
+  AND (:status IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r3 WHERE r3.message_seq = m.seq AND r3.status = :status))
+ORDER BY r.message_seq DESC LIMIT :limit;
+
+-- name: messages_page_by_tag
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM message_tags t JOIN messages m ON m.seq = t.message_seq
+LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE t.name = :tag AND t.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+                          ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND t.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
+  AND m.created_at >= :created_after AND m.created_at < :created_before
+  AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
+  AND (:tag IS NULL OR EXISTS (
+      SELECT 1 FROM message_tags t2 WHERE t2.name = :tag AND t2.message_seq = m.seq))
+  AND (:recipient IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r2 WHERE r2.message_seq = m.seq
+      AND r2.email = :recipient COLLATE NOCASE AND (:status IS NULL OR r2.status = :status)))
+  AND (:status IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r3 WHERE r3.message_seq = m.seq AND r3.status = :status))
+ORDER BY t.message_seq DESC LIMIT :limit;
+
+-- name: messages_page_by_from
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE m.mail_from = :mail_from COLLATE NOCASE AND m.seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+                          ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND m.seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
+  AND m.created_at >= :created_after AND m.created_at < :created_before
+  AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
+  AND (:tag IS NULL OR EXISTS (
+      SELECT 1 FROM message_tags t2 WHERE t2.name = :tag AND t2.message_seq = m.seq))
+  AND (:recipient IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r2 WHERE r2.message_seq = m.seq
+      AND r2.email = :recipient COLLATE NOCASE AND (:status IS NULL OR r2.status = :status)))
+  AND (:status IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r3 WHERE r3.message_seq = m.seq AND r3.status = :status))
+ORDER BY m.seq DESC LIMIT :limit;
+
+-- name: messages_page_by_status
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM recipients r JOIN messages m ON m.seq = r.message_seq
+LEFT JOIN api_keys k ON k.id = m.api_key_id
+WHERE r.status = :status AND r.message_seq >= coalesce((SELECT seq FROM messages WHERE created_at >= :created_after
+                          ORDER BY created_at, seq LIMIT 1), 9223372036854775807)
+  -- one upper bound (the cursor's or the window's), so the index walk starts right there
+  AND r.message_seq <= min(:before - 1, coalesce((SELECT seq FROM messages WHERE created_at < :created_before
+                          ORDER BY created_at DESC, seq DESC LIMIT 1), -1))
+  AND m.created_at >= :created_after AND m.created_at < :created_before
+  AND (:mail_from IS NULL OR m.mail_from = :mail_from COLLATE NOCASE)
+  AND (:tag IS NULL OR EXISTS (
+      SELECT 1 FROM message_tags t2 WHERE t2.name = :tag AND t2.message_seq = m.seq))
+  AND (:recipient IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r2 WHERE r2.message_seq = m.seq
+      AND r2.email = :recipient COLLATE NOCASE AND (:status IS NULL OR r2.status = :status)))
+  AND (:status IS NULL OR EXISTS (
+      SELECT 1 FROM recipients r3 WHERE r3.message_seq = m.seq AND r3.status = :status))
+GROUP BY r.message_seq
+ORDER BY r.message_seq DESC LIMIT :limit;
+
+-- name: message_for_change
+SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_header, m.subject,
+       m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
+FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id WHERE m.id = :id;
+
+-- name: cancel_units
+-- Units not yet delivered and not in flight. A unit an attempt holds ('sending') is left alone:
+-- its outcome is recorded when the attempt ends (record_outcome needs status 'sending').
+UPDATE recipients SET status = 'cancelled', due_at = NULL, updated_at = :now
+WHERE message_seq = :seq AND status IN ('scheduled', 'queued', 'deferred')
+RETURNING id;
+
+-- name: reschedule_units
+UPDATE recipients SET status = 'scheduled', due_at = :at, updated_at = :now
+WHERE message_seq = :seq AND status IN ('scheduled', 'queued', 'deferred')
+RETURNING id;
+
+-- name: set_message_schedule
+UPDATE messages SET scheduled_at = :at WHERE seq = :seq;
+
+-- ==== stats ====
+-- GET /v1/stats and `postroom stats`: recipients of the messages accepted in [since, until), by
+-- status, per group. The window is found through messages_created; latency percentiles are
+-- nearest-rank (rank = ceil(p/100 * n)) with window functions, so no value list leaves SQLite.
+
+-- name: stats_counts_total
+SELECT '' AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_total
+WITH d AS (
+    SELECT '' AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_day
+SELECT date(m.created_at, 'unixepoch') AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_day
+WITH d AS (
+    SELECT date(m.created_at, 'unixepoch') AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_domain
+SELECT r.domain AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_domain
+WITH d AS (
+    SELECT r.domain AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;
+
+-- name: stats_counts_tag
+SELECT t.name AS grp, r.status, count(*) AS units, sum(r.attempts >= 1) AS attempted,
+       sum(r.attempts > 1 OR r.status = 'deferred') AS deferred
+FROM messages m JOIN recipients r ON r.message_seq = m.seq
+JOIN message_tags t ON t.message_seq = m.seq
+WHERE m.created_at >= :since AND m.created_at < :until
+GROUP BY grp, r.status ORDER BY grp;
+
+-- name: stats_latency_tag
+WITH d AS (
+    SELECT t.name AS grp,
+           r.delivered_at - max(m.created_at, coalesce(m.scheduled_at, 0)) AS secs
+    FROM messages m JOIN recipients r ON r.message_seq = m.seq
+    JOIN message_tags t ON t.message_seq = m.seq
+    WHERE m.created_at >= :since AND m.created_at < :until
+      AND r.status = 'delivered' AND r.delivered_at IS NOT NULL
+), ranked AS (
+    SELECT grp, secs, row_number() OVER (PARTITION BY grp ORDER BY secs) AS rn,
+           count(*) OVER (PARTITION BY grp) AS n
+    FROM d
+)
+SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
+       max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
+FROM ranked GROUP BY grp;

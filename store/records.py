@@ -156,6 +156,9 @@ class ApiKey:
     created_at: float
     revoked_at: float | None
     sender_domains: tuple[str, ...] = ()
+    is_test: bool = False
+    #: Requests per minute; None: `api.rate_limit_per_minute`; 0: unlimited.
+    rate_limit: int | None = None
 
     @property
     def is_revoked(self) -> bool:
@@ -171,6 +174,8 @@ class ApiKey:
             created_at=row["created_at"],
             revoked_at=row["revoked_at"],
             sender_domains=tuple(json.loads(row["sender_domains"])),
+            is_test=bool(row["test"]),
+            rate_limit=row["rate_limit"],
         )
 
 
@@ -191,6 +196,10 @@ class Principal:
     scope: Scope
     #: ASCII (IDNA) lower-case domains this key may send from; empty: any domain.
     sender_domains: tuple[str, ...] = ()
+    #: A test-mode key: its messages are stored and get events but are never sent.
+    is_test: bool = False
+    #: Requests per minute; None: `api.rate_limit_per_minute`; 0: unlimited.
+    rate_limit: int | None = None
 
     def may_send_from(self, domain: str) -> bool:
         """Whether this key may use `domain` (ASCII, lower case) as a sender domain."""
@@ -335,10 +344,23 @@ class Message:
     size: int
     recipients: tuple[Recipient, ...] = ()
     events: tuple[Event, ...] = ()
+    tags: tuple[Tag, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    message_type: MessageType = MessageType.TRANSACTIONAL
+    scheduled_at: float | None = None
+    is_test: bool = False
 
     @property
     def status(self) -> MessageStatus:
         return derive_message_status([r.status for r in self.recipients])
+
+    @property
+    def priority(self) -> Priority:
+        """The priority it was sent with (stored per recipient as a rank)."""
+        ranks = {p.rank: p for p in Priority}
+        return ranks.get(self.recipients[0].priority, Priority.NORMAL) if self.recipients else (
+            Priority.NORMAL
+        )
 
     @classmethod
     def from_row(
@@ -359,6 +381,11 @@ class Message:
             size=row["size"],
             recipients=recipients,
             events=events,
+            tags=tags_from_json(row["tags"]),
+            metadata=json.loads(row["metadata"]),
+            message_type=MessageType(row["message_type"]),
+            scheduled_at=row["scheduled_at"],
+            is_test=bool(row["test"]),
         )
 
 
@@ -376,6 +403,8 @@ class DeliveryJob:
     metadata: Mapping[str, str] = field(default_factory=dict)
     created_at: float = 0.0  # when the message was accepted: `delivery.max_age` counts from it
     source: Source = Source.API
+    #: Sent with a test-mode key: the engine records it delivered without sending it.
+    is_test: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,3 +715,84 @@ class StoragePragmas:
     journal_mode: str  # of the write connection: "wal"
     synchronous: str  # of the write connection: "full"
     readers_query_only: tuple[bool, ...]  # one per pooled read connection
+# -- managing messages: listing, cancel, reschedule, stats -------------------------------------
+
+#: Larger than any message seq: "from the newest".
+NEWEST = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    """What `GET /v1/messages` selects (all given conditions hold), and where the page starts."""
+
+    status: RecipientStatus | None = None  # a recipient in this status (this one, with recipient)
+    recipient: str | None = None
+    mail_from: str | None = None
+    tag: str | None = None  # a tag name
+    created_after: float | None = None  # inclusive
+    created_before: float | None = None  # exclusive
+    before_seq: int = NEWEST  # keyset: only messages with a smaller seq
+    limit: int = 50
+
+
+class UnitAction(StrEnum):
+    """What a cancel or a reschedule did to one recipient."""
+
+    CANCELLED = "cancelled"
+    RESCHEDULED = "rescheduled"
+    IN_FLIGHT = "in_flight"  # an attempt holds it: left alone, its outcome will be recorded
+    FINAL = "final"  # already delivered, bounced, failed, suppressed or cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class UnitChange:
+    email: str
+    status: RecipientStatus  # after the change
+    action: UnitAction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChange:
+    """The result of a cancel or a reschedule: the message after it, and what each unit got."""
+
+    message: Message
+    units: tuple[UnitChange, ...]
+
+    @property
+    def changed(self) -> int:
+        return sum(
+            u.action in (UnitAction.CANCELLED, UnitAction.RESCHEDULED) for u in self.units
+        )
+
+
+class StatsGrouping(StrEnum):
+    DAY = "day"  # UTC calendar day of acceptance
+    DOMAIN = "domain"  # recipient domain
+    TAG = "tag"  # tag name (a message with two tags counts in both)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsGroup:
+    """Delivery figures of the recipients of messages accepted in a window, for one group."""
+
+    group: str | None  # None when not grouped
+    counts: Mapping[RecipientStatus, int]
+    attempted: int  # recipients with at least one delivery attempt
+    deferred: int  # recipients deferred at least once
+    latency_p50: float | None  # seconds from queued (or scheduled time) to delivered
+    latency_p95: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def bounce_rate(self) -> float | None:
+        """Bounced over delivered + bounced; None before any of either."""
+        done = self.counts[RecipientStatus.DELIVERED] + self.counts[RecipientStatus.BOUNCED]
+        return self.counts[RecipientStatus.BOUNCED] / done if done else None
+
+    @property
+    def deferral_rate(self) -> float | None:
+        """Recipients deferred at least once over recipients attempted at least once."""
+        return self.deferred / self.attempted if self.attempted else None

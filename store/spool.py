@@ -23,7 +23,17 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import crypto, diagnostics, idempotency, intake, queue, retention, webhooks
+from store import (
+    crypto,
+    diagnostics,
+    idempotency,
+    intake,
+    manage,
+    queue,
+    retention,
+    stats,
+    webhooks,
+)
 from store.crypto import BODY, DKIM, Sealer, verify_key
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
@@ -43,6 +53,8 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageChange,
+    MessageQuery,
     MessageStatus,
     NewEvent,
     NewKey,
@@ -58,6 +70,8 @@ from store.records import (
     RetentionPolicy,
     Scope,
     Source,
+    StatsGroup,
+    StatsGrouping,
     StoragePragmas,
     Submission,
     Suppression,
@@ -170,7 +184,13 @@ class Spool:
         return hashlib.sha256(secret.encode()).digest()
 
     async def create_key(
-        self, name: str, scope: Scope, sender_domains: Iterable[str] = ()
+        self,
+        name: str,
+        scope: Scope,
+        sender_domains: Iterable[str] = (),
+        *,
+        is_test: bool = False,
+        rate_limit: int | None = None,
     ) -> NewKey:
         """Create a key; its secret is returned once and stored only as a digest.
 
@@ -187,6 +207,8 @@ class Spool:
             created_at=time.time(),
             revoked_at=None,
             sender_domains=domains,
+            is_test=is_test,
+            rate_limit=rate_limit,
         )
         digest = self._digest(secret)
 
@@ -201,6 +223,8 @@ class Spool:
                     "scope": key.scope.value,
                     "now": key.created_at,
                     "sender_domains": json.dumps(list(key.sender_domains)),
+                    "test": int(key.is_test),
+                    "rate_limit": key.rate_limit,
                 },
             )
 
@@ -233,7 +257,12 @@ class Spool:
         if key.is_revoked:
             return None
         return Principal(
-            key_id=key.id, name=key.name, scope=key.scope, sender_domains=key.sender_domains
+            key_id=key.id,
+            name=key.name,
+            scope=key.scope,
+            sender_domains=key.sender_domains,
+            is_test=key.is_test,
+            rate_limit=key.rate_limit,
         )
 
     # -- intake -----------------------------------------------------------------------------
@@ -789,6 +818,40 @@ class Spool:
         Not for production use: nothing in Postroom calls it.
         """
         return await self._writer.run(lambda conn: diagnostics.limit_pages(conn, extra_pages))
+    # -- managing messages: listing, cancel, reschedule ------------------------------------------
+
+    async def find_messages(self, query: MessageQuery) -> list[Message]:
+        """A page of messages matching `query`, newest first, with their recipients."""
+        async with self._read() as conn:
+            return await manage.list_page(conn, query)
+
+    async def cancel_message(self, message_id: str) -> MessageChange:
+        """Cancel what is not delivered and not in flight; NotFound for an unknown id."""
+        change = await self._writer.run(
+            lambda conn: manage.cancel_job(conn, message_id, time.time())
+        )
+        if change.changed:
+            self.notify_events()
+        return change
+
+    async def reschedule_message(self, message_id: str, at: float) -> MessageChange:
+        """Move what is not yet sent to `at`; NotFound for an unknown id."""
+        change = await self._writer.run(
+            lambda conn: manage.reschedule_job(conn, message_id, at, time.time())
+        )
+        if change.changed:
+            self.notify_events()
+            self.work_available.set()
+        return change
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    async def stats(
+        self, since: float, until: float, group_by: StatsGrouping | None = None
+    ) -> list[StatsGroup]:
+        """Delivery figures for the messages accepted in [since, until) (store/stats.py)."""
+        async with self._read() as conn:
+            return await stats.stats(conn, since, until, group_by)
 
 
 def _suppress(
@@ -859,6 +922,7 @@ def _group_jobs(
             metadata=json.loads(messages[seq]["metadata"]),
             created_at=messages[seq]["created_at"],
             source=Source(messages[seq]["source"]),
+            is_test=bool(messages[seq]["test"]),
         )
         for (seq, domain), rcpts in groups.items()
     ]

@@ -149,7 +149,8 @@ async def test_sigkill_after_ack_loses_nothing(
     shown = await asyncio.to_thread(postroom_cli, config, "queue", "show", ids[0], "--json")
     message = json.loads(shown.stdout)
     assert set(message) == {"id", "status", "created_at", "from", "subject", "recipients",
-                            "events"}
+                            "events", "tags", "metadata", "message_type", "priority",
+                            "scheduled_at", "test"}
     assert message["status"] == "delivered"
     listed = await asyncio.to_thread(
         postroom_cli, config, "queue", "list", "--status", "delivered", "--json"
