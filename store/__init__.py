@@ -16,6 +16,7 @@ from store.errors import (
     StorageFull,
     StoreError,
 )
+from store.health import inspect as inspect_spool
 from store.intake import domain_of, normalise_domain
 from store.observer import NullObserver, SpoolObserver
 from store.records import (
@@ -49,6 +50,7 @@ from store.records import (
     Scope,
     ShapeRow,
     Source,
+    SpoolHealth,
     Submission,
     Suppression,
     SweepCursor,
@@ -106,6 +108,7 @@ __all__ = [
     "Source",
     "Spool",
     "SpoolClosed",
+    "SpoolHealth",
     "SpoolObserver",
     "StorageFull",
     "StoreError",
@@ -126,6 +129,7 @@ __all__ = [
     "domain_of",
     "format_event_id",
     "format_time",
+    "inspect_spool",
     "migrate",
     "normalise_domain",
     "parse_event_id",

@@ -447,3 +447,14 @@ SELECT name, rsa_key, ed25519_key FROM domains;
 
 -- name: set_domain_keys
 UPDATE domains SET rsa_key = :rsa_key, ed25519_key = :ed25519_key WHERE name = :name;
+
+-- ==== doctor: a read-only look at the spool ====
+
+-- name: has_schema_version
+SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version';
+
+-- name: schema_version_current
+SELECT coalesce(max(version), 0) FROM schema_version;
+
+-- name: list_domains
+SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains ORDER BY name;

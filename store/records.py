@@ -677,3 +677,15 @@ class SweepStep:
 
     removed: int
     next: SweepCursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolHealth:
+    """What a read-only look at the spool found (`postroom doctor`)."""
+
+    schema_version: int
+    latest_version: int
+    problems: tuple[str, ...]  # from PRAGMA integrity_check; empty: sound
+    is_encrypted: bool  # a key check is stored: bodies and DKIM keys are sealed
+    key_problem: str | None  # why the configured key cannot open the spool; None: it can
+    domains: tuple[DomainKeys, ...]  # the sending domains, keys opened (empty on a key problem)
