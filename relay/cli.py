@@ -883,6 +883,7 @@ def _show_checks(found: list[Check], as_json: bool) -> None:
         for c in found:
             click.echo(f"{c.status.value:<5} {c.check:<{width}}  {c.detail}")
         counts = {s: sum(c.status.value == s for c in found) for s in ("ok", "warn", "fail")}
-        click.echo(f"{len(found)} checks: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        noun = "check" if len(found) == 1 else "checks"
+        click.echo(f"{len(found)} {noun}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
     emit([c.to_json() for c in found], as_json, human)
