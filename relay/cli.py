@@ -34,6 +34,7 @@ from config import (
     resolve_config_path,
 )
 from relay import logs
+from relay.doctor import Check, has_failure, judge_config, run_checks
 from relay.egress import Egress
 from relay.egress import build_resolver as build_webhook_resolver
 from relay.service import Service, StartupError, tls_paths
@@ -942,3 +943,37 @@ def stats(
             ).rstrip())
 
     emit(data, as_json, human)
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: [{check, status, detail}].")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check the config, ports, certificate, spool, DNS and each domain's DKIM/SPF/DMARC.
+
+    Exit 1 when a check fails, 2 when the config does not load (the only check then shown).
+    """
+    try:
+        settings = load_settings(ctx.obj["config"])
+    except ConfigError as exc:
+        _show_checks([judge_config(None, exc.problems)], as_json)
+        sys.exit(2)
+    found = asyncio.run(run_checks(settings))
+    _show_checks(found, as_json)
+    if has_failure(found):
+        sys.exit(1)
+
+
+def _show_checks(found: list[Check], as_json: bool) -> None:
+    def human() -> None:
+        width = max(len(c.check) for c in found)
+        for c in found:
+            click.echo(f"{c.status.value:<5} {c.check:<{width}}  {c.detail}")
+        counts = {s: sum(c.status.value == s for c in found) for s in ("ok", "warn", "fail")}
+        noun = "check" if len(found) == 1 else "checks"
+        click.echo(f"{len(found)} {noun}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+    emit([c.to_json() for c in found], as_json, human)

@@ -5,7 +5,8 @@ Owns the dnspython async resolver (built once at start-up, with a TTL-honouring 
 hosts by preference (equal preferences shuffled), each with its IPv6 and IPv4 addresses
 interleaved, implicit MX on the domain's own A/AAAA, null MX (RFC 7505), or a permanent/temporary
 failure as a `Reply` the engine records; and `screen`, which refuses mail loops and (by policy)
-private addresses. dnspython's exceptions never leave this module.
+private addresses; and `lookup`, the plain record lookups `postroom doctor` makes. dnspython's
+exceptions never leave this module.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 
 from config import Settings
 from store import Reply
@@ -163,3 +165,40 @@ def screen(
     if not hosts:
         return Route(failure=Reply(550, "5.4.4", "every MX host has a private address"))
     return Route(hosts=tuple(hosts))
+
+
+# -- plain lookups (postroom doctor) --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The records found for one question, or why no server answered it.
+
+    `error` None means a server answered: `values` may then be empty (NXDOMAIN or no record of
+    that type). TXT values are the record's strings joined (RFC 7208 §3.3); names lose the dot.
+    """
+
+    values: tuple[str, ...] = ()
+    error: str | None = None
+
+
+async def lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> Lookup:
+    """The `rdtype` records of `name`; PTR takes an IP address and asks its reverse name."""
+    try:
+        qname = dns.reversename.from_address(name) if rdtype == "PTR" else name
+        answer = await resolver.resolve(qname, rdtype)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return Lookup()
+    except dns.exception.Timeout:
+        return Lookup(error="timed out")
+    except dns.resolver.NoNameservers:
+        return Lookup(error="no nameserver answered (SERVFAIL or refused)")
+    except dns.exception.DNSException as exc:
+        return Lookup(error=f"lookup failed: {exc}")
+    values = []
+    for rdata in answer:
+        if rdtype == "TXT":
+            values.append(b"".join(rdata.strings).decode("utf-8", "replace"))
+        else:
+            values.append(rdata.to_text().rstrip(".").lower())
+    return Lookup(values=tuple(values))

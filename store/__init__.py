@@ -16,6 +16,7 @@ from store.errors import (
     StorageFull,
     StoreError,
 )
+from store.health import inspect as inspect_spool
 from store.intake import domain_of, normalise_domain
 from store.observer import NullObserver, SpoolObserver
 from store.records import (
@@ -52,6 +53,7 @@ from store.records import (
     Scope,
     ShapeRow,
     Source,
+    SpoolHealth,
     StatsGroup,
     StatsGrouping,
     StoragePragmas,
@@ -117,6 +119,7 @@ __all__ = [
     "Source",
     "Spool",
     "SpoolClosed",
+    "SpoolHealth",
     "SpoolObserver",
     "StatsGroup",
     "StatsGrouping",
@@ -142,6 +145,7 @@ __all__ = [
     "domain_of",
     "format_event_id",
     "format_time",
+    "inspect_spool",
     "migrate",
     "normalise_domain",
     "parse_event_id",

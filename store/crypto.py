@@ -95,21 +95,26 @@ def verify_key(conn: sqlite3.Connection, sealer: Sealer) -> None:
                 {"name": "key_check", "value": sealer.seal(_CHECK, _CHECK_PURPOSE)},
             )
         return
-    stored = bytes(row[0])
+    problem = key_problem(bytes(row[0]), sealer)
+    if problem is not None:
+        raise KeyMismatch(problem)
+
+
+def key_problem(stored: bytes, sealer: Sealer) -> str | None:
+    """Why the configured keys cannot open the stored key check, or None when they can."""
     if sealer.current is None:
-        raise KeyMismatch(
-            "the spool is encrypted at rest: set storage.encryption_key (or _file) to its key"
-        )
+        return "the spool is encrypted at rest: set storage.encryption_key (or _file) to its key"
     try:
         ok = sealer.open(stored, _CHECK_PURPOSE) == _CHECK
     except KeyMismatch:
         ok = False
-    if not ok:
-        raise KeyMismatch(
-            "storage.encryption_key is not the key this spool was encrypted with "
-            f"(key id {stored[len(MAGIC) : len(MAGIC) + 4].hex()}, configured "
-            f"{key_id(sealer.current).hex()}); during a rotation set previous_encryption_key"
-        )
+    if ok:
+        return None
+    return (
+        "storage.encryption_key is not the key this spool was encrypted with "
+        f"(key id {stored[len(MAGIC) : len(MAGIC) + 4].hex()}, configured "
+        f"{key_id(sealer.current).hex()}); during a rotation set previous_encryption_key"
+    )
 
 
 def reseal_check(conn: sqlite3.Connection, sealer: Sealer) -> None:

@@ -680,3 +680,14 @@ WITH d AS (
 SELECT grp, max(CASE WHEN rn * 100 < 50 * n + 100 THEN secs END) AS p50,
        max(CASE WHEN rn * 100 < 95 * n + 100 THEN secs END) AS p95
 FROM ranked GROUP BY grp;
+
+-- ==== doctor: a read-only look at the spool ====
+
+-- name: has_schema_version
+SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version';
+
+-- name: schema_version_current
+SELECT coalesce(max(version), 0) FROM schema_version;
+
+-- name: list_domains
+SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains ORDER BY name;

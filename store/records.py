@@ -715,6 +715,8 @@ class StoragePragmas:
     journal_mode: str  # of the write connection: "wal"
     synchronous: str  # of the write connection: "full"
     readers_query_only: tuple[bool, ...]  # one per pooled read connection
+
+
 # -- managing messages: listing, cancel, reschedule, stats -------------------------------------
 
 #: Larger than any message seq: "from the newest".
@@ -796,3 +798,15 @@ class StatsGroup:
     def deferral_rate(self) -> float | None:
         """Recipients deferred at least once over recipients attempted at least once."""
         return self.deferred / self.attempted if self.attempted else None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolHealth:
+    """What a read-only look at the spool found (`postroom doctor`)."""
+
+    schema_version: int
+    latest_version: int
+    problems: tuple[str, ...]  # from PRAGMA integrity_check; empty: sound
+    is_encrypted: bool  # a key check is stored: bodies and DKIM keys are sealed
+    key_problem: str | None  # why the configured key cannot open the spool; None: it can
+    domains: tuple[DomainKeys, ...]  # the sending domains, keys opened (empty on a key problem)

@@ -12,7 +12,8 @@ from types import TracebackType
 from typing import Any
 
 import dns.asyncresolver
-from dnslib import AAAA, MX, QTYPE, RCODE, RD, RR, TXT, A, DNSRecord
+import dns.reversename
+from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RD, RR, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, TCPServer, UDPServer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ class DnsServer:
 
     def add_aaaa(self, name: str, ip: str, ttl: int = 60) -> None:
         self._add(name, QTYPE.AAAA, AAAA(ip), ttl)
+
+    def add_ptr(self, ip: str, name: str, ttl: int = 60) -> None:
+        """A PTR record for `ip` (at its in-addr.arpa / ip6.arpa name) naming `name`."""
+        self._add(dns.reversename.from_address(ip).to_text(), QTYPE.PTR, PTR(name), ttl)
 
     def add_txt(self, name: str, text: str | bytes, ttl: int = 60) -> None:
         """One TXT record; text over 255 bytes is split into several character-strings."""
