@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, events, messages, webhooks
+from api import domains, errors, events, messages, suppressions, templates, webhooks
 from api.recipient_domains import RecipientDomains, build_resolver
-from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
+from api.types import AppState, DomainTools, MetricsExporter, ReadinessProbe, WebhookGateway
 from config import Settings
 from store import Spool, StoreError
 
@@ -68,6 +68,7 @@ def create_app(
     readiness: ReadinessProbe,
     gateway: WebhookGateway | None = None,
     metrics_exporter: MetricsExporter | None = None,
+    domain_tools: DomainTools | None = None,
 ) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -80,6 +81,9 @@ def create_app(
         Route("/v1/messages/{id}", messages.get_message, methods=["GET"]),
         *events.routes,
         *webhooks.routes,
+        *domains.routes,
+        *suppressions.routes,
+        *templates.routes,
     ]
     app = Starlette(
         routes=routes,
@@ -90,9 +94,9 @@ def create_app(
             Exception: errors.handle_unexpected,
         },
     )
-    domains = None
+    recipient_domains = None
     if settings.api.check_recipient_domains:
-        domains = RecipientDomains(
+        recipient_domains = RecipientDomains(
             build_resolver(settings), settings.api.recipient_domain_cache_size
         )
     app.state.postroom = AppState(
@@ -100,8 +104,9 @@ def create_app(
         settings=settings,
         readiness=readiness,
         webhooks=gateway,
-        domains=domains,
+        domains=recipient_domains,
         metrics=metrics_exporter,
+        domain_tools=domain_tools,
     )
     app.add_middleware(ShutdownGate, readiness=readiness)
     return app

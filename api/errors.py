@@ -8,7 +8,8 @@
     ├── Conflict           409 conflict / idempotency_key_reused / idempotency_key_in_progress
     ├── PayloadTooLarge    413 payload_too_large
     ├── ValidationFailed   422 validation_error (details name each field by path)
-    │   └── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
+    │   ├── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
+    │   └── TemplateRenderError 422 template_render_error (names the variable or the fault)
     ├── ServiceUnavailable 503 service_unavailable
     └── InsufficientStorage 507 insufficient_storage
 
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from store import Conflict as StoreConflict
 from store import (
     IdempotencyConflict,
     NotFound,
@@ -121,6 +123,12 @@ class InvalidRecipient(ValidationFailed):
     slug = "invalid_recipient"
 
 
+class TemplateRenderError(ValidationFailed):
+    """The template could not be rendered with these variables."""
+
+    slug = "template_render_error"
+
+
 class ServiceUnavailable(ApiError):
     """Postroom is shutting down or not ready; try again later."""
 
@@ -162,6 +170,8 @@ def from_store_error(exc: StoreError) -> ApiError:
         return Conflict(str(exc), slug=exc.slug)
     if isinstance(exc, NotFound):
         return NotFoundError(str(exc))
+    if isinstance(exc, StoreConflict):
+        return Conflict(str(exc))
     if isinstance(exc, StorageFull):
         return InsufficientStorage()
     if isinstance(exc, SpoolClosed):

@@ -167,6 +167,22 @@ class ApiSettings(Section):
     max_recipients_per_field: int = Field(default=50, ge=1)
     check_recipient_domains: bool = True
     recipient_domain_cache_size: int = Field(default=10_000, ge=1)
+    # The https base URL recipients reach the unsubscribe routes at (List-Unsubscribe links);
+    # None: marketing mail gets no one-click List-Unsubscribe header.
+    public_url: str | None = None
+    # An optional second listener that serves only /unsubscribe/… (never the API or /metrics).
+    public_listen: Address | None = None
+    # Optional mailto: address offered in List-Unsubscribe beside the https link.
+    unsubscribe_mailto: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", value):
+            raise ValueError("expected an http(s) base URL such as \"https://mail.example.com\"")
+        return value.rstrip("/")
 
 
 class RouteSettings(Section):
@@ -313,8 +329,16 @@ class EventSettings(Section):
     stream_poll_interval: Duration = 1.0
     # A comment line keeps idle streams open through proxies.
     stream_keepalive: Duration = 15.0
+
+
 class LogSettings(Section):
     format: Literal["text", "json"] = "text"
+
+
+class PolicySettings(Section):
+    # Accept mail whose From: domain was never added with `postroom domains add` (it goes out
+    # unsigned). Off in production: only your own, DKIM-signed domains send.
+    allow_unconfigured_domains: bool = False
 
 
 class Settings(BaseSettings):
@@ -324,7 +348,7 @@ class Settings(BaseSettings):
         env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
     sections: ClassVar[tuple[str, ...]] = (
-        "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
+        "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log", "policy",
     )
 
     server: ServerSettings = ServerSettings()
@@ -335,6 +359,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()
     events: EventSettings = EventSettings()
     log: LogSettings = LogSettings()
+    policy: PolicySettings = PolicySettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

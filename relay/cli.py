@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +24,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from api.models import EventItemOut, MessageOut, WebhookCreate, WebhookOut
+from api.models import (
+    DomainCreate,
+    DomainOut,
+    EventItemOut,
+    MessageOut,
+    WebhookCreate,
+    WebhookOut,
+)
 from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, resolve_config_path
 from relay import logs
 from relay.egress import Egress
@@ -112,8 +119,12 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 @cli.command()
 @click.option("--data-dir", type=click.Path(file_okay=False), help="data_dir for a new config.")
+@click.option(
+    "--dev", is_flag=True,
+    help="A new config for development: mail from domains never added is accepted.",
+)
 @click.pass_context
-def init(ctx: click.Context, data_dir: str | None) -> None:
+def init(ctx: click.Context, data_dir: str | None, dev: bool) -> None:
     """Create the config (if missing), the data directory, the spool and a TLS certificate."""
     path, _ = resolve_config_path(ctx.obj["config"])
     if not path.exists():
@@ -121,6 +132,10 @@ def init(ctx: click.Context, data_dir: str | None) -> None:
         if data_dir is not None:
             text = text.replace(
                 'data_dir = "/var/lib/postroom"', f"data_dir = {json.dumps(data_dir)}", 1
+            )
+        if dev:
+            text = text.replace(
+                "allow_unconfigured_domains = false", "allow_unconfigured_domains = true", 1
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -360,10 +375,6 @@ def db_migrate(ctx: click.Context) -> None:
 
 # -- domains ------------------------------------------------------------------------------------
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
 @cli.group()
 def domains() -> None:
     """Sending domains and their DKIM keys."""
@@ -379,39 +390,118 @@ def domains() -> None:
     show_default=True,
     help="rsa: RSA-2048; both: RSA-2048 and ed25519 (two signatures; never ed25519 alone).",
 )
+@click.option("--sender-name", help="Default From: display name when a message has none.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def domains_add(
-    ctx: click.Context, name: str, selector: str, algorithm: str, as_json: bool
+    ctx: click.Context, name: str, selector: str, algorithm: str, sender_name: str | None,
+    as_json: bool,
 ) -> None:
-    """Add a sending domain: generate its DKIM keys and print the TXT records to publish."""
-    from relay.dkim import generate_keys, txt_records
+    """Add a sending domain: generate its DKIM keys and print the DNS records to publish."""
+    from relay.domains import Domains
 
-    domain = name.rstrip(".").lower()
-    if not _DOMAIN.match(domain):
-        fail(f"{name!r} is not a domain name")
-    selector = selector.lower()
-    if not _SELECTOR.match(selector):
-        fail(f"{selector!r} is not a DKIM selector (letters, digits and '-')")
+    try:
+        wanted = DomainCreate(
+            name=name, selector=selector, algorithm="both" if algorithm == "both" else "rsa",
+            default_sender_name=sender_name,
+        )
+    except ValidationError as exc:
+        fail("; ".join(f"{e['loc'][0]}: {str(e['msg']).removeprefix('Value error, ')}"
+                       for e in exc.errors()))
     settings = settings_of(ctx)
-    keys = generate_keys(domain, selector, algorithm == "both", time.time())
+    tools = Domains(settings)
+    keys = tools.generate(wanted.name, wanted.selector, algorithm == "both", time.time())
+    keys = dataclasses.replace(keys, default_sender_name=wanted.default_sender_name)
 
     async def add(spool: Spool) -> None:
         await spool.add_domain(keys)
 
     with_spool(settings, add)
-    records = [{"name": r.name, "type": "TXT", "value": r.value} for r in txt_records(keys)]
-    data = {"domain": domain, "selector": selector, "algorithm": algorithm, "dns": records}
+    out = DomainOut.of(keys, tools.records(keys)).to_json()
+    emit(out, as_json, lambda: _show_domain(out, f"added {keys.name}; publish these records:"))
+
+
+def _show_domain(out: dict[str, Any], title: str) -> None:
+    click.echo(title)
+    for record in out["records"]:
+        # Zone files hold at most 255 bytes per string; resolvers join the strings.
+        value = record["value"]
+        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        status = "" if record["status"] == "unverified" else f"  ; {record['status']}"
+        click.echo(f"{record['name']}. {record['type']} {chunks}{status}")
+        if record.get("found") and record["status"] != "ok":
+            click.echo(f"    found: {'; '.join(record['found'])}")
+        if record.get("detail"):
+            click.echo(f"    {record['detail']}")
+
+
+@domains.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_list(ctx: click.Context, as_json: bool) -> None:
+    """List sending domains (never their keys)."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    tools = Domains(settings)
+    found = with_spool(settings, lambda spool: spool.list_domains())
+    data = [DomainOut.of(k, tools.records(k)).to_json() for k in found]
 
     def human() -> None:
-        click.echo(f"added {domain}; publish these DNS records, then mail From {domain} is signed:")
-        for record in records:
-            # Zone files hold at most 255 bytes per string; resolvers join the strings.
-            value = record["value"]
-            chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-            click.echo(f"{record['name']}. TXT {chunks}")
+        for row in data:
+            name = f"  sender name {row['default_sender_name']!r}" if row[
+                "default_sender_name"] else ""
+            click.echo(f"{row['name']}  selector={row['selector']} {row['algorithm']}{name}")
 
     emit(data, as_json, human)
+
+
+@domains.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show a sending domain and the DNS records it should publish."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    keys = with_spool(settings, lambda spool: spool.get_domain(name.rstrip(".").lower()))
+    out = DomainOut.of(keys, Domains(settings).records(keys)).to_json()
+    emit(out, as_json, lambda: _show_domain(out, f"{keys.name}: publish these records:"))
+
+
+@domains.command("verify")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_verify(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Look the domain's records up in DNS now: each ok, missing or wrong (exit 1 unless all
+    are ok)."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    tools = Domains(settings)
+
+    async def work(spool: Spool) -> dict[str, Any]:
+        keys = await spool.get_domain(name.rstrip(".").lower())
+        out = DomainOut.of(keys, await tools.verify(keys)).to_json()
+        out["verified"] = all(r["status"] == "ok" for r in out["records"])
+        return out
+
+    out = with_spool(settings, work)
+    emit(out, as_json, lambda: _show_domain(out, f"{out['name']}: DNS records now:"))
+    if not out["verified"]:
+        sys.exit(1)
+
+
+@domains.command("remove")
+@click.argument("name")
+@click.pass_context
+def domains_remove(ctx: click.Context, name: str) -> None:
+    """Remove a sending domain and its keys."""
+    settings = settings_of(ctx)
+    with_spool(settings, lambda spool: spool.remove_domain(name.rstrip(".").lower()))
+    click.echo(f"removed {name.rstrip('.').lower()}")
 
 
 def main() -> None:

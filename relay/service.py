@@ -29,6 +29,7 @@ from api import create_app
 from config import ConfigError, Settings, load_settings, parse_address
 from relay import egress, logs
 from relay.delivery import DeliveryEngine
+from relay.domains import Domains
 from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
@@ -149,7 +150,8 @@ class Service:
                 self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
             app = create_app(
-                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics
+                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
+                domain_tools=Domains(settings),
             )
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(
@@ -185,6 +187,11 @@ class Service:
             for sig in signals:
                 loop.add_signal_handler(
                     sig, self.request_reload if sig == signal.SIGHUP else self.stop
+                )
+            if settings.policy.allow_unconfigured_domains:
+                logger.warning(
+                    "policy.allow_unconfigured_domains is on: mail from any From: domain is "
+                    "accepted, unsigned unless the domain was added (a development setting)"
                 )
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)

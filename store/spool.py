@@ -22,7 +22,7 @@ from pathlib import Path
 import aiosqlite
 
 from config import Settings
-from store import idempotency, intake, webhooks
+from store import idempotency, intake, suppressions, templates, webhooks
 from store.db import connect_reader, connect_writer
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
@@ -42,6 +42,7 @@ from store.records import (
     Message,
     NewEvent,
     NewKey,
+    NewSuppression,
     NewWebhook,
     Outcome,
     Principal,
@@ -53,6 +54,8 @@ from store.records import (
     Source,
     Submission,
     Suppression,
+    SuppressionFilter,
+    Template,
     WebhookAttempt,
     WebhookChange,
     WebhookDelivery,
@@ -98,6 +101,7 @@ class Spool:
             max_message_size=settings.smtp.max_message_size,
             max_recipients=settings.smtp.max_recipients,
             idempotency_ttl=settings.api.idempotency_ttl,
+            require_configured_domain=not settings.policy.allow_unconfigured_domains,
         )
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
@@ -108,6 +112,7 @@ class Spool:
         #: Set after every commit that makes delivery work due; the engine waits on it.
         self.work_available = asyncio.Event()
         self._events_appended = asyncio.Event()
+        self._unsubscribe_secret: bytes | None = None
 
     @classmethod
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:
@@ -634,6 +639,11 @@ class Spool:
                     "now": keys.created_at,
                 },
             )
+            if keys.default_sender_name is not None:
+                conn.execute(
+                    Q["set_domain_sender_name"],
+                    {"name": keys.name, "sender_name": keys.default_sender_name},
+                )
 
         await self._writer.run(job)
 
@@ -649,6 +659,117 @@ class Spool:
             async with conn.execute(Q["suppression_by_email"], {"email": email.lower()}) as cur:
                 row = await cur.fetchone()
         return None if row is None else Suppression.from_row(row)
+
+    # -- sending: domains, suppressions, templates, unsubscribe ---------------------------------
+
+    async def list_domains(self) -> list[DomainKeys]:
+        async with self._read() as conn, conn.execute(Q["list_domains"]) as cur:
+            return [DomainKeys.from_row(row) for row in await cur.fetchall()]
+
+    async def get_domain(self, name: str) -> DomainKeys:
+        """A sending domain; NotFound when it was never added."""
+        keys = await self.domain_keys(name)
+        if keys is None:
+            raise NotFound(f"no sending domain {name.lower()}")
+        return keys
+
+    async def remove_domain(self, name: str) -> None:
+        """Remove a sending domain and its keys; its mail is no longer signed (nor, by default,
+        accepted)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute(Q["delete_domain"], {"name": name.lower()}).rowcount == 0:
+                raise NotFound(f"no sending domain {name.lower()}")
+
+        await self._writer.run(job)
+
+    async def set_default_sender_name(self, name: str, sender_name: str | None) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            params = {"name": name.lower(), "sender_name": sender_name}
+            if conn.execute(Q["set_domain_sender_name"], params).rowcount == 0:
+                raise NotFound(f"no sending domain {name.lower()}")
+
+        await self._writer.run(job)
+
+    async def default_sender_names(self, domains: Iterable[str]) -> dict[str, str]:
+        """The default sender names of those of `domains` that have one."""
+        names = json.dumps(sorted({d.lower() for d in domains}))
+        async with self._read() as conn:
+            async with conn.execute(Q["sender_names_among"], {"names": names}) as cur:
+                return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def add_suppressions(self, entries: Sequence[NewSuppression]) -> list[bool]:
+        """Suppress addresses; for each, whether it was new (False: already suppressed)."""
+        added = await self._writer.run(
+            lambda conn: suppressions.add_job(conn, entries, time.time())
+        )
+        if any(added):
+            self.notify_events()
+        return added
+
+    async def remove_suppression(self, email: str) -> None:
+        """Take an address off the list (`suppression.deleted`); NotFound when it is not on it."""
+        await self._writer.run(lambda conn: suppressions.remove_job(conn, email, time.time()))
+        self.notify_events()
+
+    async def get_suppression(self, email: str) -> Suppression:
+        async with self._read() as conn:
+            return await suppressions.get(conn, email, time.time())
+
+    async def list_suppressions(
+        self, where: SuppressionFilter, after: str = "", limit: int = 50
+    ) -> list[Suppression]:
+        """Live suppressions in address order, after the address `after`."""
+        async with self._read() as conn:
+            return await suppressions.list_page(conn, where, after, limit, time.time())
+
+    async def unsubscribe(self, message_id: str, email: str) -> bool:
+        """Record a one-click unsubscribe; whether the address was newly suppressed."""
+        added = await self._writer.run(
+            lambda conn: suppressions.unsubscribe_job(conn, message_id, email, time.time())
+        )
+        if added:
+            self.notify_events()
+        return added
+
+    async def unsubscribe_secret(self) -> bytes:
+        """The key of unsubscribe tokens, generated with the spool (migration 0005)."""
+        if self._unsubscribe_secret is None:
+            async with self._read() as conn:
+                async with conn.execute(Q["spool_secret"], {"name": "unsubscribe"}) as cur:
+                    row = await cur.fetchone()
+            if row is None:
+                raise StoreError("the spool has no unsubscribe secret")
+            self._unsubscribe_secret = bytes(row[0])
+        return self._unsubscribe_secret
+
+    async def create_template(
+        self, name: str, subject: str, html: str | None, text: str | None
+    ) -> Template:
+        """Store a template; Conflict when the name is taken."""
+        return await self._writer.run(
+            lambda conn: templates.create_job(conn, name, subject, html, text, time.time())
+        )
+
+    async def update_template(
+        self, ref: str, name: str, subject: str, html: str | None, text: str | None
+    ) -> Template:
+        """Replace a template (by id or name); NotFound, or Conflict for a taken name."""
+        return await self._writer.run(
+            lambda conn: templates.update_job(conn, ref, name, subject, html, text, time.time())
+        )
+
+    async def delete_template(self, ref: str) -> None:
+        await self._writer.run(lambda conn: templates.delete_job(conn, ref))
+
+    async def get_template(self, ref: str) -> Template:
+        """A template by id or name; NotFound when there is none."""
+        async with self._read() as conn:
+            return await templates.get(conn, ref)
+
+    async def list_templates(self) -> list[Template]:
+        async with self._read() as conn:
+            return await templates.list_all(conn)
 
 
 def _suppress(
