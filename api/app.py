@@ -14,7 +14,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import domains, errors, events, messages, suppressions, templates, webhooks
+from api import (
+    domains,
+    errors,
+    events,
+    messages,
+    suppressions,
+    templates,
+    unsubscribe,
+    webhooks,
+)
 from api.recipient_domains import RecipientDomains, build_resolver
 from api.types import AppState, DomainTools, MetricsExporter, ReadinessProbe, WebhookGateway
 from config import Settings
@@ -62,6 +71,23 @@ class ShutdownGate:
         await self.app(scope, receive, send)
 
 
+_HANDLERS = {
+    errors.ApiError: errors.handle_api_error,
+    StoreError: errors.handle_store_error,
+    HTTPException: errors.handle_http_exception,
+    Exception: errors.handle_unexpected,
+}
+
+
+def create_public_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> Starlette:
+    """The app of `api.public_listen`: the unsubscribe routes only — never the API, the probes
+    or /metrics — so that listener can face the internet."""
+    app = Starlette(routes=list(unsubscribe.routes), exception_handlers=_HANDLERS)
+    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    app.add_middleware(ShutdownGate, readiness=readiness)
+    return app
+
+
 def create_app(
     spool: Spool,
     settings: Settings,
@@ -84,16 +110,9 @@ def create_app(
         *domains.routes,
         *suppressions.routes,
         *templates.routes,
+        *unsubscribe.routes,
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={
-            errors.ApiError: errors.handle_api_error,
-            StoreError: errors.handle_store_error,
-            HTTPException: errors.handle_http_exception,
-            Exception: errors.handle_unexpected,
-        },
-    )
+    app = Starlette(routes=routes, exception_handlers=_HANDLERS)
     recipient_domains = None
     if settings.api.check_recipient_domains:
         recipient_domains = RecipientDomains(

@@ -79,7 +79,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
           last_enhanced, last_text, delivered_at, updated_at;
 
 -- name: messages_for_delivery
-SELECT seq, id, created_at, source, mail_from, body, tags, metadata
+SELECT seq, id, created_at, source, mail_from, body, tags, metadata, message_type
 FROM messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: record_outcome

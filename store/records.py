@@ -378,6 +378,8 @@ class DeliveryJob:
     metadata: Mapping[str, str] = field(default_factory=dict)
     created_at: float = 0.0  # when the message was accepted: `delivery.max_age` counts from it
     source: Source = Source.API
+    #: Marketing jobs hold one recipient each: their unsubscribe headers name that recipient.
+    message_type: MessageType = MessageType.TRANSACTIONAL
 
 
 @dataclass(frozen=True, slots=True)

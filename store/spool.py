@@ -40,6 +40,7 @@ from store.records import (
     EventType,
     IdempotencyKey,
     Message,
+    MessageType,
     NewEvent,
     NewKey,
     NewSuppression,
@@ -823,9 +824,13 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
         row["seq"]: row
         for row in conn.execute(Q["messages_for_delivery"], {"seqs": json.dumps(seqs)})
     }
-    groups: dict[tuple[int, str], list[Recipient]] = {}
+    # Recipients of one message and one domain share a transaction, except for marketing mail:
+    # each copy carries an unsubscribe link for its one recipient (relay/unsubscribe.py).
+    groups: dict[tuple[int, str, int], list[Recipient]] = {}
     for rcpt in claimed:
-        groups.setdefault((rcpt.message_seq, rcpt.domain), []).append(rcpt)
+        alone = messages[rcpt.message_seq]["message_type"] == MessageType.MARKETING.value
+        key = (rcpt.message_seq, rcpt.domain, rcpt.id if alone else 0)
+        groups.setdefault(key, []).append(rcpt)
     return [
         DeliveryJob(
             destination=domain,
@@ -838,7 +843,8 @@ def _group_jobs(conn: sqlite3.Connection, claimed: list[Recipient]) -> list[Deli
             metadata=json.loads(messages[seq]["metadata"]),
             created_at=messages[seq]["created_at"],
             source=Source(messages[seq]["source"]),
+            message_type=MessageType(messages[seq]["message_type"]),
         )
-        for (seq, domain), rcpts in groups.items()
+        for (seq, domain, _), rcpts in groups.items()
     ]
 
