@@ -16,9 +16,10 @@ $(VENV)/.test-extras: $(BIN)/postroom
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Dev run: config ./postroom.toml, data ./var, SMTP 127.0.0.1:2525, API 127.0.0.1:8025.
+# Dev run: config ./postroom.toml, data ./var, SMTP 127.0.0.1:2525, API 127.0.0.1:8025;
+# --dev accepts mail from sending domains that were never added (policy.allow_unconfigured_domains).
 run: $(BIN)/postroom
-	$(BIN)/postroom --config $(CONFIG) init --data-dir var
+	$(BIN)/postroom --config $(CONFIG) init --dev --data-dir var
 	$(BIN)/postroom --config $(CONFIG) serve
 
 lint: $(VENV)/.test-extras

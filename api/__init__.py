@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from api.app import create_app
+from api.app import create_app, create_public_app
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_public_app"]

@@ -16,10 +16,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, events, manage, messages, openapi, stats, webhooks
+from api import (
+    domains,
+    errors,
+    events,
+    manage,
+    messages,
+    openapi,
+    stats,
+    suppressions,
+    templates,
+    unsubscribe,
+    webhooks,
+)
 from api.ratelimit import RateLimitHeaders, RateLimits
 from api.recipient_domains import RecipientDomains, build_resolver
-from api.types import AppState, MetricsExporter, ReadinessProbe, WebhookGateway
+from api.types import AppState, DomainTools, MetricsExporter, ReadinessProbe, WebhookGateway
 from config import Settings
 from store import Spool, StoreError
 
@@ -65,12 +77,31 @@ class ShutdownGate:
         await self.app(scope, receive, send)
 
 
+_HANDLERS = {
+    errors.ApiError: errors.handle_api_error,
+    StoreError: errors.handle_store_error,
+    HTTPException: errors.handle_http_exception,
+    ClientDisconnect: errors.handle_client_disconnect,
+    Exception: errors.handle_unexpected,
+}
+
+
+def create_public_app(spool: Spool, settings: Settings, readiness: ReadinessProbe) -> Starlette:
+    """The app of `api.public_listen`: the unsubscribe routes only — never the API, the probes
+    or /metrics — so that listener can face the internet."""
+    app = Starlette(routes=list(unsubscribe.routes), exception_handlers=_HANDLERS)
+    app.state.postroom = AppState(spool=spool, settings=settings, readiness=readiness)
+    app.add_middleware(ShutdownGate, readiness=readiness)
+    return app
+
+
 def create_app(
     spool: Spool,
     settings: Settings,
     readiness: ReadinessProbe,
     gateway: WebhookGateway | None = None,
     metrics_exporter: MetricsExporter | None = None,
+    domain_tools: DomainTools | None = None,
 ) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -86,20 +117,15 @@ def create_app(
         *events.routes,
         *webhooks.routes,
         *stats.routes,
+        *domains.routes,
+        *suppressions.routes,
+        *templates.routes,
+        *unsubscribe.routes,
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={
-            errors.ApiError: errors.handle_api_error,
-            StoreError: errors.handle_store_error,
-            HTTPException: errors.handle_http_exception,
-            ClientDisconnect: errors.handle_client_disconnect,
-            Exception: errors.handle_unexpected,
-        },
-    )
-    domains = None
+    app = Starlette(routes=routes, exception_handlers=_HANDLERS)
+    recipient_domains = None
     if settings.api.check_recipient_domains:
-        domains = RecipientDomains(
+        recipient_domains = RecipientDomains(
             build_resolver(settings), settings.api.recipient_domain_cache_size
         )
     app.state.postroom = AppState(
@@ -107,9 +133,10 @@ def create_app(
         settings=settings,
         readiness=readiness,
         webhooks=gateway,
-        domains=domains,
+        domains=recipient_domains,
         metrics=metrics_exporter,
         limits=RateLimits(settings.api.auth_failures_per_minute, time.monotonic),
+        domain_tools=domain_tools,
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(ShutdownGate, readiness=readiness)

@@ -9,7 +9,8 @@
     ├── PayloadTooLarge    413 payload_too_large
     ├── ClientClosedRequest 499 client_closed_request (the client hung up: nobody reads it)
     ├── ValidationFailed   422 validation_error (details name each field by path)
-    │   └── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
+    │   ├── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
+    │   └── TemplateRenderError 422 template_render_error (names the variable or the fault)
     ├── TooManyRequests    429 too_many_requests (with Retry-After)
     ├── ServiceUnavailable 503 service_unavailable
     └── InsufficientStorage 507 insufficient_storage
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from store import Conflict as StoreConflict
 from store import (
     IdempotencyConflict,
     NotFound,
@@ -133,6 +135,10 @@ class TooManyRequests(ApiError):
     """Too many requests; wait for the number of seconds in Retry-After."""
 
     status, slug = 429, "too_many_requests"
+class TemplateRenderError(ValidationFailed):
+    """The template could not be rendered with these variables."""
+
+    slug = "template_render_error"
 
 
 class ServiceUnavailable(ApiError):
@@ -176,6 +182,8 @@ def from_store_error(exc: StoreError) -> ApiError:
         return Conflict(str(exc), slug=exc.slug)
     if isinstance(exc, NotFound):
         return NotFoundError(str(exc))
+    if isinstance(exc, StoreConflict):
+        return Conflict(str(exc))
     if isinstance(exc, StorageFull):
         return InsufficientStorage()
     if isinstance(exc, SpoolClosed):

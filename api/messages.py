@@ -13,7 +13,8 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,6 +30,7 @@ from api.errors import (
     Forbidden,
     InvalidRecipient,
     PayloadTooLarge,
+    TemplateRenderError,
     ValidationFailed,
     body_of,
     from_store_error,
@@ -40,7 +42,10 @@ from api.models import (
     MessageOut,
     SendRequest,
     check_idempotency_key,
+    mailbox_address,
+    parse_mailbox,
 )
+from api.template_engine import RenderError, render
 from api.types import AppState
 from config import Settings
 from store import (
@@ -48,12 +53,15 @@ from store import (
     IdempotencyConflict,
     IdempotencyKey,
     MessageType,
+    NotFound,
     Principal,
     Priority,
     Scope,
     Source,
+    Spool,
     Submission,
     Tag,
+    Template,
     domain_of,
     format_time,
 )
@@ -153,12 +161,110 @@ def check_limits(send: SendRequest, settings: Settings, now: float) -> None:
         )
 
 
+# -- templates and default sender names (read once per request, applied per item) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendContext:
+    """What the items of one request need from the spool: their templates (by the id or name
+    they used) and the default sender names of their From domains."""
+
+    templates: Mapping[str, Template] = field(default_factory=dict)
+    sender_names: Mapping[str, str] = field(default_factory=dict)
+
+
+_TEMPLATE_FIELDS = (("template_id", "template"), ("template_vars", "template_data"))
+
+
+def _template_ref(body: Mapping[str, Any]) -> Any:
+    return body.get("template_id", body.get("template"))
+
+
+def _from_value(body: Mapping[str, Any]) -> Any:
+    if "from" in body:
+        return body["from"]
+    metadata = body.get("metadata")
+    return metadata.get("from_email") if isinstance(metadata, dict) else None
+
+
+async def load_context(spool: Spool, bodies: Sequence[object]) -> SendContext:
+    """The templates and default sender names `bodies` refer to (unknown ones left out)."""
+    refs: set[str] = set()
+    domains: set[str] = set()
+    for body in bodies:
+        if not isinstance(body, dict):
+            continue
+        ref = _template_ref(body)
+        if isinstance(ref, str) and ref:
+            refs.add(ref)
+        sender = _from_value(body)
+        if isinstance(sender, str):
+            try:
+                domains.add(mailbox_address(sender).rpartition("@")[2])
+            except ValueError:
+                pass  # validation names it
+    templates: dict[str, Template] = {}
+    for ref in sorted(refs):
+        try:
+            templates[ref] = await spool.get_template(ref)
+        except NotFound:
+            pass
+    names = await spool.default_sender_names(domains) if domains else {}
+    return SendContext(templates, names)
+
+
+def apply_template(body: dict[str, Any], context: SendContext) -> dict[str, Any]:
+    """The request with its template's subject, html and text filled in where it has none.
+
+    `template_id` + `template_vars`, or the aliases `template` + `template_data`. A missing
+    variable is `422 template_render_error` naming it.
+    """
+    given = {}
+    for name, alias in _TEMPLATE_FIELDS:
+        if name in body and alias in body:
+            raise ValidationFailed(details=[Detail(alias, f"give {name} or {alias}, not both")])
+        given[name] = (name, body[name]) if name in body else (alias, body.get(alias))
+    (ref_field, ref), (vars_field, variables) = given["template_id"], given["template_vars"]
+    if ref is None:
+        if variables is not None:
+            raise ValidationFailed(details=[Detail(vars_field, "needs template_id")])
+        return body
+    if not isinstance(ref, str) or not ref:
+        raise ValidationFailed(details=[Detail(ref_field, "must be a template id or name")])
+    if variables is not None and not isinstance(variables, dict):
+        raise ValidationFailed(details=[Detail(vars_field, "must be a JSON object")])
+    template = context.templates.get(ref)
+    if template is None:
+        raise ValidationFailed(details=[Detail(ref_field, f"no template {ref}")])
+    try:
+        rendered = render(template, variables or {})
+    except RenderError as exc:
+        raise TemplateRenderError(
+            f"template {template.name}: {exc}", [Detail(f"{vars_field} ({exc.field})", str(exc))]
+        ) from None
+    out = {k: v for k, v in body.items() if k not in ("template_id", "template",
+                                                     "template_vars", "template_data")}
+    out.setdefault("subject", rendered.subject)
+    for part in ("html", "text"):
+        value = getattr(rendered, part)
+        if value is not None:
+            out.setdefault(part, value)
+    return out
+
+
+def format_mailbox(name: str, address: str) -> str:
+    """A name-addr with the name quoted as `parse_mailbox` reads it back."""
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{quoted}" <{address}>'
+
+
 def prepare(
     body: object,
     principal: Principal,
     settings: Settings,
     now: float,
     header_key: str | None = None,
+    context: SendContext = SendContext(),  # frozen: a safe default
 ) -> Item:
     """Validate and compose one request; an `Item` carrying its error if it is refused."""
     key: IdempotencyKey | None = None
@@ -166,11 +272,15 @@ def prepare(
         key = idempotency_key_of(body, header_key)
         if not isinstance(body, dict):
             raise ValidationFailed("each message must be a JSON object")
+        body = apply_template(body, context)
         try:
             send = SendRequest.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         check_limits(send, settings, now)
+        display, sender = parse_mailbox(send.from_)
+        if not display and (default := context.sender_names.get(domain_of(sender))):
+            send.from_ = format_mailbox(default, sender)  # the domain's default sender name
         sender = envelope_sender(send)
         if not principal.may_send_from(domain_of(sender)):
             raise Forbidden(
@@ -217,6 +327,7 @@ _COMPAT_PATHS = {
 def prepare_compat(
     body: object, principal: Principal, settings: Settings, now: float,
     header_key: str | None = None,
+    context: SendContext = SendContext(),  # frozen: a safe default
 ) -> Item:
     """Translate a channel-tagged request into a native one and prepare that."""
     try:
@@ -232,10 +343,6 @@ def prepare_compat(
                 [Detail("channel", "only 'email' is enabled")],
                 slug="channel_not_enabled",
             )
-        if compat.template_id is not None or compat.template_vars is not None:
-            raise ValidationFailed(
-                details=[Detail("template_id", "templates are not available yet")]
-            )
         metadata = dict(compat.metadata)
         if "from_email" not in metadata:
             raise ValidationFailed(details=[Detail("metadata.from_email", "Field required")])
@@ -245,15 +352,19 @@ def prepare_compat(
     native: dict[str, Any] = {
         "from": metadata.pop("from_email"),
         "to": compat.destination.email,
-        "subject": compat.payload.subject,
         "message_type": compat.message_type,
         "metadata": metadata,
     }
+    if compat.payload.subject is not None:
+        native["subject"] = compat.payload.subject
     if compat.payload.body_text is not None:
         native["text"] = compat.payload.body_text
     if compat.payload.body_html is not None:
         native["html"] = compat.payload.body_html
-    item = prepare(native, principal, settings, now)
+    for name in ("template_id", "template", "template_vars", "template_data"):
+        if (value := getattr(compat, name)) is not None:
+            native[name] = value
+    item = prepare(native, principal, settings, now, context=context)
     idem = IdempotencyKey(key, fingerprint(body))
     submission = item.submission
     if submission is not None:
@@ -374,7 +485,8 @@ async def send_message(request: Request) -> JSONResponse:
     principal = await authenticate(request, state.spool, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
-    item = prepare(body, principal, state.settings, time.time(), header)
+    context = await load_context(state.spool, [body])
+    item = prepare(body, principal, state.settings, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result)
 
@@ -384,9 +496,10 @@ async def send_batch(request: Request) -> JSONResponse:
     principal = await authenticate(request, state.spool, Scope.SEND)
     bodies = await _read_batch(request, state)
     now = time.time()
+    context = await load_context(state.spool, bodies)
     # Validation and composition are CPU work: keep the event loop free for other clients.
     items = await asyncio.to_thread(
-        lambda: [prepare(b, principal, state.settings, now) for b in bodies]
+        lambda: [prepare(b, principal, state.settings, now, context=context) for b in bodies]
     )
     return _batch(await send_items(state, principal, items), items)
 
@@ -396,7 +509,8 @@ async def send_compat(request: Request) -> JSONResponse:
     principal = await authenticate(request, state.spool, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
-    item = prepare_compat(body, principal, state.settings, time.time(), header)
+    context = await load_context(state.spool, [body])
+    item = prepare_compat(body, principal, state.settings, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result, {"idempotency_key": item.compat_key} if item.compat_key else None)
 
@@ -406,8 +520,11 @@ async def send_compat_batch(request: Request) -> JSONResponse:
     principal = await authenticate(request, state.spool, Scope.SEND)
     bodies = await _read_batch(request, state)
     now = time.time()
+    context = await load_context(state.spool, bodies)
     items = await asyncio.to_thread(
-        lambda: [prepare_compat(b, principal, state.settings, now) for b in bodies]
+        lambda: [
+            prepare_compat(b, principal, state.settings, now, context=context) for b in bodies
+        ]
     )
     return _batch(await send_items(state, principal, items), items)
 

@@ -21,15 +21,20 @@ from pydantic import (
 from store import (
     ALL_EVENTS,
     AttemptResult,
+    DnsRecord,
+    DomainKeys,
     Event,
     EventType,
     Message,
     MessageChange,
     Recipient,
     RecipientStatus,
+    RecordStatus,
     StatsGroup,
     StatsGrouping,
+    Suppression,
     Tag,
+    Template,
     WebhookAttempt,
     WebhookEndpoint,
     format_time,
@@ -253,7 +258,7 @@ class CompatDestination(BaseModel):
 
 class CompatPayload(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subject: str
+    subject: str | None = None  # from the template when one is named
     body_html: str | None = None
     body_text: str | None = None
 
@@ -266,11 +271,13 @@ class CompatSendRequest(BaseModel):
     channel: str
     idempotency_key: IdempotencyKeyText | None = None
     destination: CompatDestination
-    payload: CompatPayload
+    payload: CompatPayload = CompatPayload()
     message_type: Literal["transactional", "marketing"] = "transactional"
     metadata: dict[str, str] = {}
     template_id: str | None = None
     template_vars: dict[str, Any] | None = None
+    template: str | None = None  # alias of template_id
+    template_data: dict[str, Any] | None = None  # alias of template_vars
 
 
 class LastReply(BaseModel):
@@ -718,3 +725,223 @@ class DeliveriesOut(BaseModel):
 
 class ReplayOut(BaseModel):
     queued: int
+# -- sending: domains, suppressions, templates ------------------------------------------------
+
+_DOMAIN_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_domain_name(value: str) -> str:
+    """A sending domain as stored: ASCII (IDNA), lower case, no trailing dot."""
+    try:
+        name = normalise_domain(value)
+    except ValueError:
+        raise ValueError("not a domain name") from None
+    if not _DOMAIN_NAME.match(name):
+        raise ValueError("not a domain name")
+    return name
+
+
+def check_selector(value: str) -> str:
+    selector = value.lower()
+    if not _SELECTOR.match(selector):
+        raise ValueError("not a DKIM selector (letters, digits and '-')")
+    return selector
+
+
+DomainName = Annotated[str, AfterValidator(check_domain_name)]
+Selector = Annotated[str, AfterValidator(check_selector)]
+SenderName = Annotated[str, AfterValidator(_no_controls), Field(min_length=1, max_length=256)]
+
+
+class DomainCreate(BaseModel):
+    """`POST /v1/domains`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DomainName
+    selector: Selector = "postroom"
+    algorithm: Literal["rsa", "both"] = "rsa"
+    default_sender_name: SenderName | None = None
+
+
+class DomainPatch(BaseModel):
+    """`PATCH /v1/domains/{name}`: null removes the default sender name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_sender_name: SenderName | None
+
+
+class DnsRecordOut(BaseModel):
+    type: str
+    name: str
+    value: str
+    status: str
+    found: list[str] | None = None
+    detail: str | None = None
+
+    @classmethod
+    def of(cls, record: DnsRecord) -> DnsRecordOut:
+        checked = record.status is not RecordStatus.UNVERIFIED
+        return cls(
+            type=record.type,
+            name=record.name,
+            value=record.value,
+            status=record.status.value,
+            found=list(record.found) if checked else None,
+            detail=(record.detail or None) if checked else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class DomainOut(BaseModel):
+    """A sending domain in the API and `postroom domains show --json` (never its keys)."""
+
+    name: str
+    selector: str
+    algorithm: str
+    default_sender_name: str | None
+    created_at: str
+    records: list[DnsRecordOut]
+
+    @classmethod
+    def of(cls, keys: DomainKeys, records: list[DnsRecord]) -> DomainOut:
+        return cls(
+            name=keys.name,
+            selector=keys.selector,
+            algorithm="both" if keys.ed25519_key is not None else "rsa",
+            default_sender_name=keys.default_sender_name,
+            created_at=format_time(keys.created_at),
+            records=[DnsRecordOut.of(r) for r in records],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(exclude={"records"})
+        data["records"] = [r.to_json() for r in self.records]
+        return data
+
+
+class DomainListOut(BaseModel):
+    data: list[DomainOut]
+
+
+class DomainVerifyOut(DomainOut):
+    """`POST /v1/domains/{name}/verify`: the records as found in DNS now."""
+
+    verified: bool
+
+
+def _lower_address(value: str) -> str:
+    return normalise_address(value).lower()
+
+
+SuppressedAddress = Annotated[str, AfterValidator(_lower_address)]
+
+
+class SuppressionCreate(BaseModel):
+    """`POST /v1/suppressions`: one address, or `{"emails": [...]}` for several."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: SuppressedAddress | None = None
+    emails: list[SuppressedAddress] = Field(default=[], max_length=10_000)
+    reason: Literal["hard_bounce", "complaint", "unsubscribe", "manual"] = "manual"
+    expires_at: AwareDatetime | None = None
+    message_id: Annotated[str, Field(max_length=64)] | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> SuppressionCreate:
+        if self.email is None and not self.emails:
+            raise ValueError("give email or emails")
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        found = ([self.email] if self.email else []) + self.emails
+        return list(dict.fromkeys(found))
+
+
+class SuppressionOut(BaseModel):
+    email: str
+    reason: str
+    message_id: str | None
+    reply: LastReply | None
+    created_at: str
+    expires_at: str | None
+
+    @classmethod
+    def of(cls, entry: Suppression) -> SuppressionOut:
+        reply = entry.reply
+        return cls(
+            email=entry.email,
+            reason=entry.reason,
+            message_id=entry.message_id,
+            reply=(
+                LastReply(code=reply.code, enhanced=reply.enhanced, text=reply.text)
+                if reply else None
+            ),
+            created_at=format_time(entry.created_at),
+            expires_at=_time(entry.expires_at),
+        )
+
+
+class SuppressionPageOut(BaseModel):
+    data: list[SuppressionOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+class SuppressionAddOut(BaseModel):
+    added: list[str]
+    already_suppressed: list[str]
+
+
+TemplateName = Annotated[
+    str, AfterValidator(_no_controls), Field(min_length=1, max_length=200, pattern=r"^\S.*$")
+]
+
+
+class TemplateIn(BaseModel):
+    """`POST /v1/templates` and `PUT /v1/templates/{id}`: Jinja2 source of each part."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: TemplateName
+    subject: Annotated[str, Field(min_length=1, max_length=2000)]
+    html: BodyText | None = None
+    text: BodyText | None = None
+
+    @model_validator(mode="after")
+    def _a_body(self) -> TemplateIn:
+        if self.html is None and self.text is None:
+            raise ValueError("html or text is required")
+        return self
+
+
+class TemplateOut(BaseModel):
+    id: str
+    name: str
+    subject: str
+    html: str | None
+    text: str | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, template: Template) -> TemplateOut:
+        return cls(
+            id=template.id,
+            name=template.name,
+            subject=template.subject,
+            html=template.html,
+            text=template.text,
+            created_at=format_time(template.created_at),
+            updated_at=format_time(template.updated_at),
+        )
+
+
+class TemplateListOut(BaseModel):
+    data: list[TemplateOut]

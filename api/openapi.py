@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from api import models as m
-from store import EventType, RecipientStatus, StatsGrouping
+from store import EventType, RecipientStatus, StatsGrouping, SuppressionReason
 
 _REF = "#/components/schemas/{model}"
 _MESSAGE_STATUSES = [s.value for s in RecipientStatus]
@@ -136,6 +136,46 @@ OPERATIONS: tuple[Op, ...] = (
            Param("group_by", _string(enum=[g.value for g in StatsGrouping])),
        ),
        errors=(422,)),
+    Op("POST", "/v1/domains", "Add a sending domain with new DKIM keys", "full", 201,
+       m.DomainOut, request=m.DomainCreate, errors=(400, 409, 413, 422)),
+    Op("GET", "/v1/domains", "Sending domains and their DNS records", "full",
+       response=m.DomainListOut),
+    Op("GET", "/v1/domains/{name}", "A sending domain and its DNS records", "full",
+       response=m.DomainOut, errors=_ID),
+    Op("PATCH", "/v1/domains/{name}", "Change a domain's default sender name", "full",
+       response=m.DomainOut, request=m.DomainPatch, errors=(*_ID, 400, 413, 422)),
+    Op("DELETE", "/v1/domains/{name}", "Remove a sending domain and its keys", "full", 204,
+       errors=_ID),
+    Op("POST", "/v1/domains/{name}/verify", "Look the domain's records up in DNS now", "full",
+       response=m.DomainVerifyOut, errors=_ID),
+    Op("GET", "/v1/suppressions", "The suppression list, by address", "full",
+       response=m.SuppressionPageOut,
+       params=(
+           Param("reason", _string(enum=[r.value for r in SuppressionReason])),
+           Param("search", _string(), description="addresses containing this text"),
+           _LIMIT,
+           Param("after", _string(), description="next_cursor of the previous page"),
+       ),
+       errors=(422,)),
+    Op("POST", "/v1/suppressions", "Suppress one address or several", "full", 201,
+       m.SuppressionAddOut, request=m.SuppressionCreate, errors=(400, 413, 422),
+       extra_ok=(200,)),
+    Op("GET", "/v1/suppressions/{address}", "One suppressed address", "full",
+       response=m.SuppressionOut, errors=_ID),
+    Op("DELETE", "/v1/suppressions/{address}", "Take an address off the list", "full", 204,
+       errors=_ID),
+    Op("POST", "/v1/templates", "Store a template", "full", 201, m.TemplateOut,
+       request=m.TemplateIn, errors=(400, 409, 413, 422)),
+    Op("GET", "/v1/templates", "Stored templates", "full", response=m.TemplateListOut),
+    Op("GET", "/v1/templates/{id}", "A template, by id or name", "full",
+       response=m.TemplateOut, errors=_ID),
+    Op("PUT", "/v1/templates/{id}", "Replace a template", "full", response=m.TemplateOut,
+       request=m.TemplateIn, errors=(*_ID, 400, 409, 413, 422)),
+    Op("DELETE", "/v1/templates/{id}", "Delete a template", "full", 204, errors=_ID),
+    Op("GET", "/unsubscribe/{token}", "One-click unsubscribe: the confirmation page", None,
+       media="text/html", errors=(404,)),
+    Op("POST", "/unsubscribe/{token}", "One-click unsubscribe (RFC 8058)", None,
+       media="text/html", errors=(404,)),
 )
 
 _ERROR_TEXT = {
@@ -197,8 +237,8 @@ def _operation(op: Op, refs: dict[tuple[Any, JsonSchemaMode], Any]) -> dict[str,
          **({"description": p.description} if p.description else {})}
         for p in op.params
     ]
-    if "{id}" in op.path:
-        params.insert(0, {"name": "id", "in": "path", "required": True, "schema": _string()})
+    for name in reversed(re.findall(r"{(\w+)}", op.path)):
+        params.insert(0, {"name": name, "in": "path", "required": True, "schema": _string()})
     if params:
         out["parameters"] = params
     if op.scope:
@@ -230,10 +270,13 @@ def _operation(op: Op, refs: dict[tuple[Any, JsonSchemaMode], Any]) -> dict[str,
     for status in sorted(errors):
         if str(status) in responses:
             continue
-        responses[str(status)] = {
-            "description": _ERROR_TEXT[status],
-            "content": {"application/json": {"schema": error_ref}},
-        }
+        # Pages for people (the unsubscribe links) say "not found" as a page too.
+        content = (
+            {op.media: {"schema": {"type": "string"}}}
+            if op.media == "text/html" and status == 404
+            else {"application/json": {"schema": error_ref}}
+        )
+        responses[str(status)] = {"description": _ERROR_TEXT[status], "content": content}
     out["responses"] = responses
     return out
 

@@ -8,7 +8,7 @@ from typing import Protocol
 from api.ratelimit import RateLimits
 from api.recipient_domains import RecipientDomains
 from config import Settings
-from store import AttemptResult, Spool, UrlRefusal, WebhookEndpoint
+from store import AttemptResult, DnsRecord, DomainKeys, Spool, UrlRefusal, WebhookEndpoint
 
 
 class ReadinessProbe(Protocol):
@@ -36,6 +36,17 @@ class MetricsExporter(Protocol):
     async def render(self) -> bytes: ...
 
 
+class DomainTools(Protocol):
+    """What the domain routes need beyond the spool (keys, records, DNS); the service provides
+    it."""
+
+    def generate(self, name: str, selector: str, with_ed25519: bool, now: float) -> DomainKeys: ...
+
+    def records(self, keys: DomainKeys) -> list[DnsRecord]: ...
+
+    async def verify(self, keys: DomainKeys) -> list[DnsRecord]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AppState:
     spool: Spool
@@ -47,3 +58,5 @@ class AppState:
     metrics: MetricsExporter | None = None
     #: None: no limits at all (only for apps built without create_app's defaults).
     limits: RateLimits | None = None
+    #: None: the domain routes that make keys or look records up answer 503.
+    domain_tools: DomainTools | None = None

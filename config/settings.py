@@ -186,6 +186,22 @@ class ApiSettings(Section):
     rate_limit_per_minute: int = Field(default=0, ge=0)
     # Failed authentications per minute per client address; past it, 429 before any key lookup.
     auth_failures_per_minute: int = Field(default=30, ge=1)
+    # The https base URL recipients reach the unsubscribe routes at (List-Unsubscribe links);
+    # None: marketing mail gets no one-click List-Unsubscribe header.
+    public_url: str | None = None
+    # An optional second listener that serves only /unsubscribe/… (never the API or /metrics).
+    public_listen: Address | None = None
+    # Optional mailto: address offered in List-Unsubscribe beside the https link.
+    unsubscribe_mailto: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", value):
+            raise ValueError("expected an http(s) base URL such as \"https://mail.example.com\"")
+        return value.rstrip("/")
 
 
 class RouteSettings(Section):
@@ -343,6 +359,8 @@ class EventSettings(Section):
     stream_poll_interval: Duration = 1.0
     # A comment line keeps idle streams open through proxies.
     stream_keepalive: Duration = 15.0
+
+
 class LogSettings(Section):
     format: Literal["text", "json"] = "text"
 
@@ -362,6 +380,10 @@ class RetentionSettings(Section):
     interval: Duration = 600.0
     batch_size: int = Field(default=500, ge=1)
     batch_pause: Duration = 0.05
+class PolicySettings(Section):
+    # Accept mail whose From: domain was never added with `postroom domains add` (it goes out
+    # unsigned). Off in production: only your own, DKIM-signed domains send.
+    allow_unconfigured_domains: bool = False
 
 
 class Settings(BaseSettings):
@@ -372,7 +394,7 @@ class Settings(BaseSettings):
     )
     sections: ClassVar[tuple[str, ...]] = (
         "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
-        "retention",
+        "retention", "policy",
     )
 
     server: ServerSettings = ServerSettings()
@@ -384,6 +406,7 @@ class Settings(BaseSettings):
     events: EventSettings = EventSettings()
     log: LogSettings = LogSettings()
     retention: RetentionSettings = RetentionSettings()
+    policy: PolicySettings = PolicySettings()
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import dataclasses
 import datetime
 import ipaddress
 import json
 import os
-import re
 import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -24,7 +26,20 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from api.models import EventItemOut, MessageOut, StatsOut, WebhookCreate, WebhookOut
+from api.errors import ValidationFailed as ApiValidationFailed
+from api.models import (
+    DomainCreate,
+    DomainOut,
+    EventItemOut,
+    MessageOut,
+    StatsOut,
+    SuppressionOut,
+    TemplateIn,
+    TemplateOut,
+    WebhookCreate,
+    WebhookOut,
+    normalise_address,
+)
 from config import (
     EXAMPLE_CONFIG,
     ConfigError,
@@ -47,6 +62,7 @@ from store import (
     EventFilter,
     EventType,
     MessageStatus,
+    NewSuppression,
     NewWebhook,
     NotFound,
     RecipientStatus,
@@ -54,6 +70,10 @@ from store import (
     Spool,
     StatsGrouping,
     StoreError,
+    Suppression,
+    SuppressionFilter,
+    SuppressionReason,
+    Template,
     UrlRefusal,
     format_time,
     migrate,
@@ -125,8 +145,12 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 @cli.command()
 @click.option("--data-dir", type=click.Path(file_okay=False), help="data_dir for a new config.")
+@click.option(
+    "--dev", is_flag=True,
+    help="A new config for development: mail from domains never added is accepted.",
+)
 @click.pass_context
-def init(ctx: click.Context, data_dir: str | None) -> None:
+def init(ctx: click.Context, data_dir: str | None, dev: bool) -> None:
     """Create the config (if missing), the data directory, the spool and a TLS certificate."""
     path, _ = resolve_config_path(ctx.obj["config"])
     if not path.exists():
@@ -134,6 +158,10 @@ def init(ctx: click.Context, data_dir: str | None) -> None:
         if data_dir is not None:
             text = text.replace(
                 'data_dir = "/var/lib/postroom"', f"data_dir = {json.dumps(data_dir)}", 1
+            )
+        if dev:
+            text = text.replace(
+                "allow_unconfigured_domains = false", "allow_unconfigured_domains = true", 1
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
@@ -214,9 +242,6 @@ def serve(ctx: click.Context) -> None:
         asyncio.run(Service(settings).run(on_ready=announce))
     except (OSError, StartupError) as exc:
         fail(f"cannot start: {exc}")
-
-
-# -- keys ---------------------------------------------------------------------------------------
 
 
 @cli.group()
@@ -321,9 +346,6 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-# -- queue --------------------------------------------------------------------------------------
-
-
 @cli.group()
 def queue() -> None:
     """Inspect the queue."""
@@ -373,9 +395,6 @@ def queue_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     emit(data, as_json, human)
 
 
-# -- db -----------------------------------------------------------------------------------------
-
-
 @cli.group()
 def db() -> None:
     """Spool database maintenance."""
@@ -388,12 +407,6 @@ def db_migrate(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     applied = migrate(settings.spool_path, settings.storage.busy_timeout)
     click.echo(", ".join(applied) if applied else "up to date")
-
-
-# -- domains ------------------------------------------------------------------------------------
-
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_SELECTOR = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 @cli.group()
@@ -411,46 +424,122 @@ def domains() -> None:
     show_default=True,
     help="rsa: RSA-2048; both: RSA-2048 and ed25519 (two signatures; never ed25519 alone).",
 )
+@click.option("--sender-name", help="Default From: display name when a message has none.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def domains_add(
-    ctx: click.Context, name: str, selector: str, algorithm: str, as_json: bool
+    ctx: click.Context, name: str, selector: str, algorithm: str, sender_name: str | None,
+    as_json: bool,
 ) -> None:
-    """Add a sending domain: generate its DKIM keys and print the TXT records to publish."""
-    from relay.dkim import generate_keys, txt_records
+    """Add a sending domain: generate its DKIM keys and print the DNS records to publish."""
+    from relay.domains import Domains
 
-    domain = name.rstrip(".").lower()
-    if not _DOMAIN.match(domain):
-        fail(f"{name!r} is not a domain name")
-    selector = selector.lower()
-    if not _SELECTOR.match(selector):
-        fail(f"{selector!r} is not a DKIM selector (letters, digits and '-')")
+    try:
+        wanted = DomainCreate(
+            name=name, selector=selector, algorithm="both" if algorithm == "both" else "rsa",
+            default_sender_name=sender_name,
+        )
+    except ValidationError as exc:
+        fail("; ".join(f"{e['loc'][0]}: {str(e['msg']).removeprefix('Value error, ')}"
+                       for e in exc.errors()))
     settings = settings_of(ctx)
-    keys = generate_keys(domain, selector, algorithm == "both", time.time())
+    tools = Domains(settings)
+    keys = tools.generate(wanted.name, wanted.selector, algorithm == "both", time.time())
+    keys = dataclasses.replace(keys, default_sender_name=wanted.default_sender_name)
 
     async def add(spool: Spool) -> None:
         await spool.add_domain(keys)
 
     with_spool(settings, add)
-    records = [{"name": r.name, "type": "TXT", "value": r.value} for r in txt_records(keys)]
-    data = {"domain": domain, "selector": selector, "algorithm": algorithm, "dns": records}
+    out = DomainOut.of(keys, tools.records(keys)).to_json()
+    emit(out, as_json, lambda: _show_domain(out, f"added {keys.name}; publish these records:"))
+
+
+def _show_domain(out: dict[str, Any], title: str) -> None:
+    click.echo(title)
+    for record in out["records"]:
+        # Zone files hold at most 255 bytes per string; resolvers join the strings.
+        value = record["value"]
+        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        status = "" if record["status"] == "unverified" else f"  ; {record['status']}"
+        click.echo(f"{record['name']}. {record['type']} {chunks}{status}")
+        if record.get("found") and record["status"] != "ok":
+            click.echo(f"    found: {'; '.join(record['found'])}")
+        if record.get("detail"):
+            click.echo(f"    {record['detail']}")
+
+
+@domains.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_list(ctx: click.Context, as_json: bool) -> None:
+    """List sending domains (never their keys)."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    tools = Domains(settings)
+    found = with_spool(settings, lambda spool: spool.list_domains())
+    data = [DomainOut.of(k, tools.records(k)).to_json() for k in found]
 
     def human() -> None:
-        click.echo(f"added {domain}; publish these DNS records, then mail From {domain} is signed:")
-        for record in records:
-            # Zone files hold at most 255 bytes per string; resolvers join the strings.
-            value = record["value"]
-            chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-            click.echo(f"{record['name']}. TXT {chunks}")
+        for row in data:
+            name = f"  sender name {row['default_sender_name']!r}" if row[
+                "default_sender_name"] else ""
+            click.echo(f"{row['name']}  selector={row['selector']} {row['algorithm']}{name}")
 
     emit(data, as_json, human)
 
 
+@domains.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show a sending domain and the DNS records it should publish."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    keys = with_spool(settings, lambda spool: spool.get_domain(name.rstrip(".").lower()))
+    out = DomainOut.of(keys, Domains(settings).records(keys)).to_json()
+    emit(out, as_json, lambda: _show_domain(out, f"{keys.name}: publish these records:"))
+
+
+@domains.command("verify")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def domains_verify(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Look the domain's records up in DNS now: each ok, missing or wrong (exit 1 unless all
+    are ok)."""
+    from relay.domains import Domains
+
+    settings = settings_of(ctx)
+    tools = Domains(settings)
+
+    async def work(spool: Spool) -> dict[str, Any]:
+        keys = await spool.get_domain(name.rstrip(".").lower())
+        out = DomainOut.of(keys, await tools.verify(keys)).to_json()
+        out["verified"] = all(r["status"] == "ok" for r in out["records"])
+        return out
+
+    out = with_spool(settings, work)
+    emit(out, as_json, lambda: _show_domain(out, f"{out['name']}: DNS records now:"))
+    if not out["verified"]:
+        sys.exit(1)
+
+
+@domains.command("remove")
+@click.argument("name")
+@click.pass_context
+def domains_remove(ctx: click.Context, name: str) -> None:
+    """Remove a sending domain and its keys."""
+    settings = settings_of(ctx)
+    with_spool(settings, lambda spool: spool.remove_domain(name.rstrip(".").lower()))
+    click.echo(f"removed {name.rstrip('.').lower()}")
+
+
 def main() -> None:
     cli(obj={})
-
-
-# -- webhooks -----------------------------------------------------------------------------------
 
 
 def _egress(settings: Settings) -> Egress:
@@ -570,9 +659,6 @@ def webhooks_test(ctx: click.Context, webhook_id: str, as_json: bool) -> None:
         sys.exit(1)
 
 
-# -- events -------------------------------------------------------------------------------------
-
-
 @cli.group()
 def events() -> None:
     """Read the event log."""
@@ -628,7 +714,248 @@ def events_tail(
         with_spool(settings, work)
 
 
-# -- queue tools: summary, retry, cancel, purge ---------------------------------------------------
+_IMPORT_CHUNK = 1000
+
+
+@cli.group()
+def suppressions() -> None:
+    """The suppression list: addresses Postroom no longer sends to."""
+
+
+def _suppression_row(entry: Suppression) -> dict[str, Any]:
+    return SuppressionOut.of(entry).model_dump()
+
+
+@suppressions.command("list")
+@click.option("--reason", type=click.Choice([r.value for r in SuppressionReason]))
+@click.option("--search", help="Only addresses containing this text.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def suppressions_list(
+    ctx: click.Context, reason: str | None, search: str | None, limit: int, as_json: bool
+) -> None:
+    """List suppressed addresses in address order."""
+    settings = settings_of(ctx)
+    where = SuppressionFilter(SuppressionReason(reason) if reason else None, search)
+    found = with_spool(settings, lambda spool: spool.list_suppressions(where, "", limit))
+    data = [_suppression_row(s) for s in found]
+
+    def human() -> None:
+        for row in data:
+            expires = f" until {row['expires_at']}" if row["expires_at"] else ""
+            click.echo(f"{row['email']}  {row['reason']:<12} {row['created_at']}{expires}")
+
+    emit(data, as_json, human)
+
+
+@suppressions.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@click.option("--reason", type=click.Choice([r.value for r in SuppressionReason]),
+              default="manual", show_default=True)
+@click.option("--expires", "expires", help="ISO 8601 time the entry ends (default: never).")
+@click.pass_context
+def suppressions_add(
+    ctx: click.Context, addresses: tuple[str, ...], reason: str, expires: str | None
+) -> None:
+    """Suppress addresses (unsubscribe blocks marketing mail only; other reasons, all mail)."""
+    settings = settings_of(ctx)
+    try:
+        expires_at = _parse_expiry(expires) if expires else None
+    except ValueError as exc:
+        fail(f"--expires: {exc}")
+    entries = []
+    for address in addresses:
+        try:
+            entries.append(NewSuppression(normalise_address(address).lower(),
+                                          SuppressionReason(reason), expires_at))
+        except ValueError as exc:
+            fail(f"{address}: {exc}")
+    added = with_spool(settings, lambda spool: spool.add_suppressions(entries))
+    for entry, new in zip(entries, added, strict=True):
+        click.echo(f"{'suppressed' if new else 'already suppressed'} {entry.email}")
+
+
+def _parse_expiry(value: str) -> float:
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone")
+    return when.timestamp()
+
+
+@suppressions.command("remove")
+@click.argument("address")
+@click.pass_context
+def suppressions_remove(ctx: click.Context, address: str) -> None:
+    """Take an address off the list."""
+    settings = settings_of(ctx)
+    with_spool(settings, lambda spool: spool.remove_suppression(address))
+    click.echo(f"removed {address.lower()}")
+
+
+def parse_suppression_csv(
+    lines: list[str],
+) -> tuple[list[NewSuppression], list[tuple[int, str, str]]]:
+    """Entries from CSV rows `email[,reason[,expires_at]]` (a header row is skipped), and the
+    rejected lines as (line number, line, why)."""
+    entries: list[NewSuppression] = []
+    rejected: list[tuple[int, str, str]] = []
+    for number, row in enumerate(csv.reader(lines), start=1):
+        text = ",".join(row)
+        if not row or not "".join(row).strip():
+            continue
+        cells = [c.strip() for c in row]
+        if number == 1 and cells[0].lower() == "email":
+            continue
+        try:
+            if len(cells) > 3:
+                raise ValueError("more than 3 columns (email, reason, expires_at)")
+            address = normalise_address(cells[0]).lower()
+            reason = SuppressionReason(cells[1] if len(cells) > 1 and cells[1] else "manual")
+            expiry = _parse_expiry(cells[2]) if len(cells) > 2 and cells[2] else None
+        except ValueError as exc:
+            rejected.append((number, text, str(exc)))
+            continue
+        entries.append(NewSuppression(address, reason, expiry))
+    return entries, rejected
+
+
+@suppressions.command("import")
+@click.argument("path", type=click.File("r", encoding="utf-8"))
+@click.pass_context
+def suppressions_import(ctx: click.Context, path: Any) -> None:
+    """Import a CSV of `email[,reason[,expires_at]]`; reports the lines it rejects."""
+    settings = settings_of(ctx)
+    entries, rejected = parse_suppression_csv(path.read().splitlines())
+
+    async def work(spool: Spool) -> int:
+        added = 0
+        with click.progressbar(length=len(entries), label="importing", file=sys.stderr) as bar:
+            for start in range(0, len(entries), _IMPORT_CHUNK):
+                chunk = entries[start : start + _IMPORT_CHUNK]
+                added += sum(await spool.add_suppressions(chunk))
+                bar.update(len(chunk))
+        return added
+
+    added = with_spool(settings, work)
+    for number, line, why in rejected:
+        click.echo(f"line {number}: rejected ({why}): {line}", err=True)
+    click.echo(
+        f"imported {len(entries)} address(es): {added} new, {len(entries) - added} already "
+        f"suppressed; {len(rejected)} line(s) rejected"
+    )
+    if rejected:
+        sys.exit(1)
+
+
+@suppressions.command("export")
+@click.pass_context
+def suppressions_export(ctx: click.Context) -> None:
+    """Print the whole list as CSV (email, reason, created_at, expires_at, message_id)."""
+    settings = settings_of(ctx)
+
+    async def work(spool: Spool) -> None:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(["email", "reason", "created_at", "expires_at", "message_id"])
+        after = ""
+        while True:
+            page = await spool.list_suppressions(SuppressionFilter(), after, 1000)
+            for entry in page:
+                row = _suppression_row(entry)
+                out.writerow([row["email"], row["reason"], row["created_at"],
+                              row["expires_at"] or "", row["message_id"] or ""])
+            if len(page) < 1000:
+                return
+            after = page[-1].email
+
+    with_spool(settings, work)
+
+
+@cli.group()
+def templates() -> None:
+    """Message templates (Jinja2: subject, html, text)."""
+
+
+@templates.command("push")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def templates_push(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """Create or replace a template from a TOML or JSON file with name, subject, html, text."""
+    from api.templates import check_template
+
+    try:
+        raw = path.read_text(encoding="utf-8")
+        data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        fail(f"{path}: cannot read: {exc}")
+    try:
+        wanted = TemplateIn.model_validate(data)
+        check_template(wanted)
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: "
+                       f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()))
+    except ApiValidationFailed as exc:
+        fail("; ".join(f"{d.field}: {d.message}" for d in exc.details))
+    settings = settings_of(ctx)
+
+    async def work(spool: Spool) -> tuple[Template, bool]:
+        try:
+            await spool.get_template(wanted.name)
+        except NotFound:
+            created = await spool.create_template(
+                wanted.name, wanted.subject, wanted.html, wanted.text
+            )
+            return created, True
+        replaced = await spool.update_template(
+            wanted.name, wanted.name, wanted.subject, wanted.html, wanted.text
+        )
+        return replaced, False
+
+    template, created = with_spool(settings, work)
+    data_out = TemplateOut.of(template).model_dump()
+    emit(data_out, as_json, lambda: click.echo(
+        f"{'created' if created else 'replaced'} {template.name} ({template.id})"
+    ))
+
+
+@templates.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def templates_list(ctx: click.Context, as_json: bool) -> None:
+    """List templates."""
+    settings = settings_of(ctx)
+    found = with_spool(settings, lambda spool: spool.list_templates())
+    data = [TemplateOut.of(t).model_dump() for t in found]
+
+    def human() -> None:
+        for row in data:
+            click.echo(f"{row['id']}  {row['name']}  {row['subject']!r}  {row['updated_at']}")
+
+    emit(data, as_json, human)
+
+
+@templates.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def templates_show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show a template by id or name."""
+    settings = settings_of(ctx)
+    template = with_spool(settings, lambda spool: spool.get_template(ref))
+    data = TemplateOut.of(template).model_dump()
+
+    def human() -> None:
+        click.echo(f"{template.id}  {template.name}\nsubject: {template.subject}")
+        for part in ("text", "html"):
+            if data[part] is not None:
+                click.echo(f"--- {part}\n{data[part]}")
+
+    emit(data, as_json, human)
+
 
 #: Rows per writer job for the long queue operations: short transactions, so `serve` keeps its
 #: turns at the spool while they run.
@@ -795,9 +1122,6 @@ def queue_purge(
     emit({"removed": removed}, as_json, lambda: click.echo(f"{removed} message(s) removed"))
 
 
-# -- db: backup and check -------------------------------------------------------------------------
-
-
 @db.command("backup")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -873,7 +1197,6 @@ def db_rotate_key(ctx: click.Context, as_json: bool) -> None:
             "previous_encryption_key is no longer needed"
         ),
     )
-# -- stats --------------------------------------------------------------------------------------
 
 
 def _when(value: str | None, option: str, now: float) -> float | None:
@@ -943,9 +1266,6 @@ def stats(
             ).rstrip())
 
     emit(data, as_json, human)
-
-
-# -- doctor -------------------------------------------------------------------------------------
 
 
 @cli.command()

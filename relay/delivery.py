@@ -23,7 +23,8 @@ from relay.mx import MxResolver, screen
 from relay.outcome import decide
 from relay.pacing import Limits, Pacer
 from relay.transport import Envelope, SessionPolicy, SessionResult, Timeouts, send
-from store import DeliveryJob, Outcome, Reply, Source, Spool, StoreError
+from relay.unsubscribe import add_headers, unsubscribe_url
+from store import DeliveryJob, MessageType, Outcome, Reply, Source, Spool, StoreError, make_token
 
 logger = logging.getLogger(__name__)
 
@@ -208,13 +209,34 @@ class DeliveryEngine:
 
     async def _sign(self, job: DeliveryJob) -> bytes:
         """The bytes to send: signed with the From domain's keys, or as stored when it has none."""
-        signer = await self._keys.signer_for(job.content)
+        content = await self._with_unsubscribe(job)
+        signer = await self._keys.signer_for(content)
         if signer is None:
-            return job.content
+            return content
         try:
-            return signer.sign(job.content)
+            return signer.sign(content)
         except DkimError as exc:
             logger.warning("%s: sent unsigned: %s", job.message_id, exc)
+            return content
+
+    async def _with_unsubscribe(self, job: DeliveryJob) -> bytes:
+        """Marketing mail (one recipient per job) gets the one-click unsubscribe headers."""
+        public_url = self._settings.api.public_url
+        if (
+            job.message_type is not MessageType.MARKETING
+            or public_url is None
+            or len(job.recipients) != 1
+        ):
+            return job.content
+        secret = await self._spool.unsubscribe_secret()
+        token = make_token(secret, job.message_id, job.recipients[0].email)
+        try:
+            return add_headers(
+                job.content, unsubscribe_url(public_url, token),
+                self._settings.api.unsubscribe_mailto,
+            )
+        except ValueError as exc:
+            logger.warning("%s: no List-Unsubscribe: %s", job.message_id, exc)
             return job.content
 
     def _smarthost_policy(self, route: RouteSettings) -> SessionPolicy:

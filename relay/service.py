@@ -25,10 +25,11 @@ from pathlib import Path
 import uvicorn
 from cryptography import x509
 
-from api import create_app
+from api import create_app, create_public_app
 from config import ConfigError, Settings, load_settings, parse_address
 from relay import egress, logs
 from relay.delivery import DeliveryEngine
+from relay.domains import Domains
 from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
@@ -79,6 +80,8 @@ class Service:
     smtp_addresses: list[tuple[str, int]] = field(default_factory=list)
     smtps_addresses: list[tuple[str, int]] = field(default_factory=list)
     api_address: tuple[str, int] | None = None
+    #: Where `api.public_listen` (the unsubscribe routes only) listens, when it is set.
+    public_address: tuple[str, int] | None = None
     spool: Spool | None = None
     metrics: Metrics | None = None
     sessions: Sessions | None = None
@@ -119,6 +122,7 @@ class Service:
         smtp_servers: list[asyncio.Server] = []
         tasks: dict[str, asyncio.Task[None]] = {}
         api_server: _Server | None = None
+        public_server: _Server | None = None
         engine: DeliveryEngine | None = None
         dispatcher = WebhookDispatcher(
             spool,
@@ -153,7 +157,8 @@ class Service:
                 self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
             app = create_app(
-                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics
+                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
+                domain_tools=Domains(settings),
             )
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(
@@ -169,6 +174,8 @@ class Service:
                 await asyncio.sleep(0.01)
             sock = api_server.servers[0].sockets[0]
             self.api_address = sock.getsockname()[:2]
+            if settings.api.public_listen is not None:
+                public_server = await self._start_public(tasks)
 
             if recovered := await spool.recover_leases():
                 logger.warning("%d delivery unit(s) were in flight at the last stop: due now",
@@ -192,6 +199,11 @@ class Service:
             for sig in signals:
                 loop.add_signal_handler(
                     sig, self.request_reload if sig == signal.SIGHUP else self.stop
+                )
+            if settings.policy.allow_unconfigured_domains:
+                logger.warning(
+                    "policy.allow_unconfigured_domains is on: mail from any From: domain is "
+                    "accepted, unsigned unless the domain was added (a development setting)"
                 )
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
@@ -218,10 +230,34 @@ class Service:
             for sig in signals:
                 if sig == signal.SIGHUP:  # a reload during the drain is not wanted
                     loop.remove_signal_handler(sig)
+            if public_server is not None:
+                public_server.should_exit = True  # no drain needed: each request is one write
             await self._shutdown(spool, smtp_servers, api_server, engine, dispatcher, tasks)
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
+
+    async def _start_public(self, tasks: dict[str, asyncio.Task[None]]) -> _Server:
+        """Serve the unsubscribe routes alone on `api.public_listen` (a second uvicorn server)."""
+        settings = self.settings
+        assert self.spool is not None and settings.api.public_listen is not None
+        host, port = parse_address(settings.api.public_listen)
+        config = uvicorn.Config(
+            create_public_app(self.spool, settings, self.readiness), host=host, port=port,
+            lifespan="off", access_log=False, log_config=None, server_header=False,
+        )
+        server = _Server(config)
+        tasks["public-api"] = asyncio.create_task(server.serve(), name="public-api")
+        while not server.started:
+            if tasks["public-api"].done():
+                await tasks["public-api"]
+                raise RuntimeError("the public listener stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.public_address = server.servers[0].sockets[0].getsockname()[:2]
+        if settings.api.public_url is None:
+            logger.warning("api.public_listen is set but api.public_url is not: marketing mail "
+                           "gets no List-Unsubscribe link")
+        return server
 
     async def _shutdown(
         self,

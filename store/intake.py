@@ -35,6 +35,7 @@ from store.records import (
     NewEvent,
     RecipientStatus,
     Submission,
+    SuppressionReason,
     Tag,
     derive_message_status,
     format_time,
@@ -63,6 +64,8 @@ class IntakeLimits:
     idempotency_ttl: float = 86400.0
     #: Encrypts the stored body when `storage.encryption_key` is set (store/crypto.py).
     sealer: Sealer = field(default_factory=Sealer)
+    #: Refuse mail whose From: domain was not added as a sending domain (`policy` settings).
+    require_configured_domain: bool = False
 
 
 # IDNA encoding costs tens of microseconds and the same few domains come again and again (a
@@ -113,6 +116,30 @@ def check_sender(submission: Submission, headers: EmailHeaders) -> None:
                 "sender_not_allowed",
                 f"this API key may not send from {domain}; allowed: "
                 + ", ".join(principal.sender_domains),
+                "from",
+            )
+
+
+def from_domains(headers: EmailHeaders) -> list[str]:
+    """The domains of the From: addresses (ASCII, lower case), in order."""
+    try:
+        addresses = tuple(getattr(headers["From"], "addresses", ()))
+    except Exception:  # noqa: BLE001 - an unparsable From: names no domain
+        addresses = ()
+    return [_sender_domain(a.addr_spec) for a in addresses if "@" in a.addr_spec]
+
+
+def check_configured_domain(conn: sqlite3.Connection, domains: Sequence[str]) -> None:
+    """Only sending domains added with `domains add` may appear in From: (policy.*)."""
+    if not domains:
+        raise PolicyRejected(
+            "domain_not_configured", "the message has no From: address with a domain", "from"
+        )
+    for domain in dict.fromkeys(domains):
+        if conn.execute(Q["domain_configured"], {"name": domain}).fetchone() is None:
+            raise PolicyRejected(
+                "domain_not_configured",
+                f"{domain} is not a configured sending domain (add it with `postroom domains add`)",
                 "from",
             )
 
@@ -201,6 +228,9 @@ def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
         from_header=_header(headers, "From"),
         subject=_header(headers, "Subject"),
         idempotency_ttl=limits.idempotency_ttl,
+        from_domains=(
+            tuple(from_domains(headers)) if limits.require_configured_domain else None
+        ),
     )
 
 
@@ -241,6 +271,13 @@ async def accept_many(
     return [r if r is not None else StoreError() for r in results]
 
 
+def _reason(value: str) -> SuppressionReason:
+    try:
+        return SuppressionReason(value)
+    except ValueError:  # an unknown (older) reason blocks everything, like a manual entry
+        return SuppressionReason.MANUAL
+
+
 @dataclass(frozen=True, slots=True)
 class _BatchJob:
     """Many accept jobs in one writer job; each message in its own savepoint, refused alone."""
@@ -272,10 +309,14 @@ class _AcceptJob:
     from_header: str
     subject: str
     idempotency_ttl: float
+    #: Set when the sending-domain policy applies: the From: domains to check.
+    from_domains: tuple[str, ...] | None = None
 
     def __call__(self, conn: sqlite3.Connection) -> Accepted:
         now = time.time()
         sub = self.submission
+        if self.from_domains is not None:
+            check_configured_domain(conn, self.from_domains)
         scheduled = sub.scheduled_at is not None and sub.scheduled_at > now
         pending = RecipientStatus.SCHEDULED if scheduled else RecipientStatus.QUEUED
         due_at = sub.scheduled_at if scheduled and sub.scheduled_at is not None else now
@@ -304,8 +345,14 @@ class _AcceptJob:
         )
         seq = cur.lastrowid
         # Suppressed addresses are recorded, never delivered (DESIGN: intake owns this policy).
+        # An unsubscribe blocks marketing mail only; bounces, complaints and manual entries
+        # block everything.
         emails = json.dumps([email.lower() for email, _ in self.units])
-        suppressed = {r[0] for r in conn.execute(Q["suppressed_among"], {"emails": emails})}
+        suppressed = {
+            r[0]
+            for r in conn.execute(Q["suppressions_among"], {"emails": emails, "now": now})
+            if _reason(r[1]).blocks(sub.message_type)
+        }
         statuses = [
             RecipientStatus.SUPPRESSED if email.lower() in suppressed else pending
             for email, _ in self.units

@@ -37,9 +37,6 @@ SELECT m.seq, m.id, m.created_at, m.source, m.api_key_id, m.mail_from, m.from_he
        m.size, m.tags, m.metadata, m.message_type, m.scheduled_at, coalesce(k.test, 0) AS test
 FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id WHERE m.id = :id;
 
--- name: message_body
-SELECT body FROM messages WHERE seq = :seq;
-
 -- name: recipients_of_message
 SELECT id, message_seq, email, domain, status, priority, attempts, due_at, last_code,
        last_enhanced, last_text, delivered_at, updated_at
@@ -82,7 +79,7 @@ RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, la
 
 -- name: messages_for_delivery
 SELECT m.seq, m.id, m.created_at, m.source, m.mail_from, m.body, m.tags, m.metadata,
-       coalesce(k.test, 0) AS test
+       m.message_type, coalesce(k.test, 0) AS test
 FROM messages m LEFT JOIN api_keys k ON k.id = m.api_key_id
 WHERE m.seq IN (SELECT value FROM json_each(:seqs));
 
@@ -288,7 +285,8 @@ VALUES (:name, :selector, :rsa_key, :ed25519_key, :now);
 SELECT 1 FROM domains WHERE name = :name;
 
 -- name: domain_keys
-SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains WHERE name = :name;
+SELECT name, selector, rsa_key, ed25519_key, created_at, default_sender_name
+FROM domains WHERE name = :name;
 
 -- ==== delivery: suppressions ====
 
@@ -297,9 +295,6 @@ SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains WHERE name 
 INSERT INTO suppressions (email, reason, code, enhanced, text, message_seq, created_at)
 VALUES (:email, :reason, :code, :enhanced, :text, :message_seq, :now)
 ON CONFLICT (email) DO NOTHING;
-
--- name: suppressed_among
-SELECT email FROM suppressions WHERE email IN (SELECT value FROM json_each(:emails));
 
 -- name: suppression_by_email
 SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE email = :email;
@@ -689,5 +684,80 @@ SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version';
 -- name: schema_version_current
 SELECT coalesce(max(version), 0) FROM schema_version;
 
+
+-- ==== sending: domains, suppressions, templates, unsubscribe ====
+
 -- name: list_domains
-SELECT name, selector, rsa_key, ed25519_key, created_at FROM domains ORDER BY name;
+SELECT name, selector, rsa_key, ed25519_key, created_at, default_sender_name
+FROM domains ORDER BY name;
+
+-- name: delete_domain
+DELETE FROM domains WHERE name = :name;
+
+-- name: set_domain_sender_name
+UPDATE domains SET default_sender_name = :sender_name WHERE name = :name;
+
+-- name: sender_names_among
+SELECT name, default_sender_name FROM domains
+WHERE default_sender_name IS NOT NULL AND name IN (SELECT value FROM json_each(:names));
+
+-- name: domain_configured
+SELECT 1 FROM domains WHERE name = :name;
+
+-- name: suppressions_among
+-- The live (unexpired) suppressions among a message's recipients; intake decides by reason.
+SELECT email, reason FROM suppressions
+WHERE email IN (SELECT value FROM json_each(:emails))
+  AND (expires_at IS NULL OR expires_at > :now);
+
+-- name: upsert_suppression
+-- Insert, or replace an expired entry; a live entry stays as it is (rowcount 0).
+INSERT INTO suppressions (email, reason, message_id, expires_at, created_at)
+VALUES (:email, :reason, :message_id, :expires_at, :now)
+ON CONFLICT (email) DO UPDATE
+SET reason = excluded.reason, message_id = excluded.message_id, expires_at = excluded.expires_at,
+    created_at = excluded.created_at, code = NULL, enhanced = NULL, text = NULL,
+    message_seq = NULL
+WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= :now;
+
+-- name: list_suppressions
+-- Pages in address order; :after is the last address of the previous page.
+SELECT s.email, s.reason, s.code, s.enhanced, s.text, s.created_at, s.expires_at,
+       coalesce(s.message_id, m.id) AS message_id
+FROM suppressions s LEFT JOIN messages m ON m.seq = s.message_seq
+WHERE s.email > :after
+  AND (:reason IS NULL OR s.reason = :reason)
+  AND (:search IS NULL OR instr(s.email, :search) > 0)
+  AND (s.expires_at IS NULL OR s.expires_at > :now)
+ORDER BY s.email LIMIT :limit;
+
+-- name: suppression_full
+SELECT s.email, s.reason, s.code, s.enhanced, s.text, s.created_at, s.expires_at,
+       coalesce(s.message_id, m.id) AS message_id
+FROM suppressions s LEFT JOIN messages m ON m.seq = s.message_seq
+WHERE s.email = :email AND (s.expires_at IS NULL OR s.expires_at > :now);
+
+-- name: delete_suppression
+DELETE FROM suppressions WHERE email = :email RETURNING reason;
+
+-- name: spool_secret
+SELECT value FROM spool_secrets WHERE name = :name;
+
+-- name: insert_template
+INSERT INTO templates (id, name, subject, html, text, created_at, updated_at)
+VALUES (:id, :name, :subject, :html, :text, :now, :now);
+
+-- name: template_by_ref
+SELECT id, name, subject, html, text, created_at, updated_at FROM templates
+WHERE id = :ref OR name = :ref;
+
+-- name: list_templates
+SELECT id, name, subject, html, text, created_at, updated_at FROM templates ORDER BY name;
+
+-- name: update_template
+UPDATE templates SET name = :name, subject = :subject, html = :html, text = :text,
+                     updated_at = :now
+WHERE id = :id;
+
+-- name: delete_template
+DELETE FROM templates WHERE id = :ref OR name = :ref;

@@ -87,6 +87,8 @@ class EventType(StrEnum):
     EMAIL_SUPPRESSED = "email.suppressed"
     EMAIL_CANCELLED = "email.cancelled"
     SUPPRESSION_CREATED = "suppression.created"
+    SUPPRESSION_DELETED = "suppression.deleted"
+    EMAIL_UNSUBSCRIBED = "email.unsubscribed"
 
 
 class Scope(StrEnum):
@@ -405,6 +407,8 @@ class DeliveryJob:
     source: Source = Source.API
     #: Sent with a test-mode key: the engine records it delivered without sending it.
     is_test: bool = False
+    #: Marketing jobs hold one recipient each: their unsubscribe headers name that recipient.
+    message_type: MessageType = MessageType.TRANSACTIONAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +583,8 @@ class DomainKeys:
     rsa_key: bytes = field(repr=False)  # PKCS#8 PEM
     ed25519_key: bytes | None = field(repr=False)  # base64 of the 32-byte seed
     created_at: float
+    #: The From: display name used when a message's `from` has none.
+    default_sender_name: str | None = None
 
     @property
     def ed25519_selector(self) -> str:
@@ -594,6 +600,9 @@ class DomainKeys:
             rsa_key=bytes(row["rsa_key"]),
             ed25519_key=None if ed is None else bytes(ed),
             created_at=row["created_at"],
+            default_sender_name=(
+                row["default_sender_name"] if "default_sender_name" in row.keys() else None
+            ),
         )
 
 
@@ -613,18 +622,32 @@ class QueueSummary:
     oldest_queued_at: float | None
 
 
+class SuppressionReason(StrEnum):
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    UNSUBSCRIBE = "unsubscribe"
+    MANUAL = "manual"
+
+    def blocks(self, message_type: MessageType) -> bool:
+        """An unsubscribe blocks marketing mail only; every other reason blocks all mail."""
+        return self is not SuppressionReason.UNSUBSCRIBE or message_type is MessageType.MARKETING
+
+
 @dataclass(frozen=True, slots=True)
 class Suppression:
-    """An address Postroom no longer sends to, and the reply that put it there."""
+    """An address Postroom no longer sends to, why, and the reply or message that put it there."""
 
     email: str
     reason: str
     reply: Reply | None
     created_at: float
+    message_id: str | None = None
+    expires_at: float | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Suppression:
         code = row["code"]
+        keys = row.keys()
         return cls(
             email=row["email"],
             reason=row["reason"],
@@ -634,6 +657,8 @@ class Suppression:
                 else Reply(code=code, enhanced=row["enhanced"], text=row["text"] or "")
             ),
             created_at=row["created_at"],
+            message_id=row["message_id"] if "message_id" in keys else None,
+            expires_at=row["expires_at"] if "expires_at" in keys else None,
         )
 
 
@@ -810,3 +835,67 @@ class SpoolHealth:
     is_encrypted: bool  # a key check is stored: bodies and DKIM keys are sealed
     key_problem: str | None  # why the configured key cannot open the spool; None: it can
     domains: tuple[DomainKeys, ...]  # the sending domains, keys opened (empty on a key problem)
+# -- sending: suppressions, templates -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewSuppression:
+    """An address to suppress by hand (API, CLI, import) or through an unsubscribe."""
+
+    email: str
+    reason: SuppressionReason = SuppressionReason.MANUAL
+    expires_at: float | None = None
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionFilter:
+    """What `GET /v1/suppressions` selects: all given conditions hold."""
+
+    reason: SuppressionReason | None = None
+    #: Addresses containing this text (case-insensitive).
+    search: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A message template: Jinja2 source of the subject, html and text parts."""
+
+    id: str
+    name: str
+    subject: str
+    html: str | None
+    text: str | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Template:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            subject=row["subject"],
+            html=row["html"],
+            text=row["text"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+class RecordStatus(StrEnum):
+    UNVERIFIED = "unverified"  # not looked up (add, show)
+    OK = "ok"
+    MISSING = "missing"
+    WRONG = "wrong"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """A DNS record a sending domain should publish, and what a live lookup found for it."""
+
+    type: str
+    name: str
+    value: str
+    status: RecordStatus = RecordStatus.UNVERIFIED
+    found: tuple[str, ...] = ()
+    detail: str = ""

@@ -32,6 +32,8 @@ from store import (
     queue,
     retention,
     stats,
+    suppressions,
+    templates,
     webhooks,
 )
 from store.crypto import BODY, DKIM, Sealer, verify_key
@@ -56,8 +58,10 @@ from store.records import (
     MessageChange,
     MessageQuery,
     MessageStatus,
+    MessageType,
     NewEvent,
     NewKey,
+    NewSuppression,
     NewWebhook,
     Outcome,
     Principal,
@@ -75,8 +79,10 @@ from store.records import (
     StoragePragmas,
     Submission,
     Suppression,
+    SuppressionFilter,
     SweepCursor,
     SweepStep,
+    Template,
     WebhookAttempt,
     WebhookChange,
     WebhookDelivery,
@@ -123,6 +129,7 @@ class Spool:
             max_recipients=settings.smtp.max_recipients,
             idempotency_ttl=settings.api.idempotency_ttl,
             sealer=Sealer.from_settings(settings),
+            require_configured_domain=not settings.policy.allow_unconfigured_domains,
         )
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
@@ -134,6 +141,7 @@ class Spool:
         #: Set after every commit that makes delivery work due; the engine waits on it.
         self.work_available = asyncio.Event()
         self._events_appended = asyncio.Event()
+        self._unsubscribe_secret: bytes | None = None
 
     @classmethod
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:
@@ -681,6 +689,11 @@ class Spool:
                     "now": keys.created_at,
                 },
             )
+            if keys.default_sender_name is not None:
+                conn.execute(
+                    Q["set_domain_sender_name"],
+                    {"name": keys.name, "sender_name": keys.default_sender_name},
+                )
 
         await self._writer.run(job)
 
@@ -691,7 +704,10 @@ class Spool:
                 row = await cur.fetchone()
         if row is None:
             return None
-        keys = DomainKeys.from_row(row)
+        return self._open_keys(DomainKeys.from_row(row))
+
+    def _open_keys(self, keys: DomainKeys) -> DomainKeys:
+        """The domain's keys with the private keys decrypted (store/crypto.py)."""
         sealer = self._limits.sealer
         return dataclasses.replace(
             keys,
@@ -852,6 +868,116 @@ class Spool:
         """Delivery figures for the messages accepted in [since, until) (store/stats.py)."""
         async with self._read() as conn:
             return await stats.stats(conn, since, until, group_by)
+    # -- sending: domains, suppressions, templates, unsubscribe ---------------------------------
+
+    async def list_domains(self) -> list[DomainKeys]:
+        async with self._read() as conn, conn.execute(Q["list_domains"]) as cur:
+            return [self._open_keys(DomainKeys.from_row(row)) for row in await cur.fetchall()]
+
+    async def get_domain(self, name: str) -> DomainKeys:
+        """A sending domain; NotFound when it was never added."""
+        keys = await self.domain_keys(name)
+        if keys is None:
+            raise NotFound(f"no sending domain {name.lower()}")
+        return keys
+
+    async def remove_domain(self, name: str) -> None:
+        """Remove a sending domain and its keys; its mail is no longer signed (nor, by default,
+        accepted)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            if conn.execute(Q["delete_domain"], {"name": name.lower()}).rowcount == 0:
+                raise NotFound(f"no sending domain {name.lower()}")
+
+        await self._writer.run(job)
+
+    async def set_default_sender_name(self, name: str, sender_name: str | None) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            params = {"name": name.lower(), "sender_name": sender_name}
+            if conn.execute(Q["set_domain_sender_name"], params).rowcount == 0:
+                raise NotFound(f"no sending domain {name.lower()}")
+
+        await self._writer.run(job)
+
+    async def default_sender_names(self, domains: Iterable[str]) -> dict[str, str]:
+        """The default sender names of those of `domains` that have one."""
+        names = json.dumps(sorted({d.lower() for d in domains}))
+        async with self._read() as conn:
+            async with conn.execute(Q["sender_names_among"], {"names": names}) as cur:
+                return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def add_suppressions(self, entries: Sequence[NewSuppression]) -> list[bool]:
+        """Suppress addresses; for each, whether it was new (False: already suppressed)."""
+        added = await self._writer.run(
+            lambda conn: suppressions.add_job(conn, entries, time.time())
+        )
+        if any(added):
+            self.notify_events()
+        return added
+
+    async def remove_suppression(self, email: str) -> None:
+        """Take an address off the list (`suppression.deleted`); NotFound when it is not on it."""
+        await self._writer.run(lambda conn: suppressions.remove_job(conn, email, time.time()))
+        self.notify_events()
+
+    async def get_suppression(self, email: str) -> Suppression:
+        async with self._read() as conn:
+            return await suppressions.get(conn, email, time.time())
+
+    async def list_suppressions(
+        self, where: SuppressionFilter, after: str = "", limit: int = 50
+    ) -> list[Suppression]:
+        """Live suppressions in address order, after the address `after`."""
+        async with self._read() as conn:
+            return await suppressions.list_page(conn, where, after, limit, time.time())
+
+    async def unsubscribe(self, message_id: str, email: str) -> bool:
+        """Record a one-click unsubscribe; whether the address was newly suppressed."""
+        added = await self._writer.run(
+            lambda conn: suppressions.unsubscribe_job(conn, message_id, email, time.time())
+        )
+        if added:
+            self.notify_events()
+        return added
+
+    async def unsubscribe_secret(self) -> bytes:
+        """The key of unsubscribe tokens, generated with the spool (migration 0005)."""
+        if self._unsubscribe_secret is None:
+            async with self._read() as conn:
+                async with conn.execute(Q["spool_secret"], {"name": "unsubscribe"}) as cur:
+                    row = await cur.fetchone()
+            if row is None:
+                raise StoreError("the spool has no unsubscribe secret")
+            self._unsubscribe_secret = bytes(row[0])
+        return self._unsubscribe_secret
+
+    async def create_template(
+        self, name: str, subject: str, html: str | None, text: str | None
+    ) -> Template:
+        """Store a template; Conflict when the name is taken."""
+        return await self._writer.run(
+            lambda conn: templates.create_job(conn, name, subject, html, text, time.time())
+        )
+
+    async def update_template(
+        self, ref: str, name: str, subject: str, html: str | None, text: str | None
+    ) -> Template:
+        """Replace a template (by id or name); NotFound, or Conflict for a taken name."""
+        return await self._writer.run(
+            lambda conn: templates.update_job(conn, ref, name, subject, html, text, time.time())
+        )
+
+    async def delete_template(self, ref: str) -> None:
+        await self._writer.run(lambda conn: templates.delete_job(conn, ref))
+
+    async def get_template(self, ref: str) -> Template:
+        """A template by id or name; NotFound when there is none."""
+        async with self._read() as conn:
+            return await templates.get(conn, ref)
+
+    async def list_templates(self) -> list[Template]:
+        async with self._read() as conn:
+            return await templates.list_all(conn)
 
 
 def _suppress(
@@ -907,9 +1033,13 @@ def _group_jobs(
         row["seq"]: row
         for row in conn.execute(Q["messages_for_delivery"], {"seqs": json.dumps(seqs)})
     }
-    groups: dict[tuple[int, str], list[Recipient]] = {}
+    # Recipients of one message and one domain share a transaction, except for marketing mail:
+    # each copy carries an unsubscribe link for its one recipient (relay/unsubscribe.py).
+    groups: dict[tuple[int, str, int], list[Recipient]] = {}
     for rcpt in claimed:
-        groups.setdefault((rcpt.message_seq, rcpt.domain), []).append(rcpt)
+        alone = messages[rcpt.message_seq]["message_type"] == MessageType.MARKETING.value
+        key = (rcpt.message_seq, rcpt.domain, rcpt.id if alone else 0)
+        groups.setdefault(key, []).append(rcpt)
     return [
         DeliveryJob(
             destination=domain,
@@ -923,6 +1053,7 @@ def _group_jobs(
             created_at=messages[seq]["created_at"],
             source=Source(messages[seq]["source"]),
             is_test=bool(messages[seq]["test"]),
+            message_type=MessageType(messages[seq]["message_type"]),
         )
-        for (seq, domain), rcpts in groups.items()
+        for (seq, domain, _), rcpts in groups.items()
     ]

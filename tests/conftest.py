@@ -90,6 +90,8 @@ def settings_data(tmp_path: Path, dns: DnsServer, mx_port: int, server_cert: tup
             "poll_interval": "0.1s",
             "connect_timeout": "5s",
         },
+        # Most tests send from domains they never add; tests of the policy turn this off.
+        "policy": {"allow_unconfigured_domains": True},
     }
 
 

@@ -21,6 +21,7 @@ def make_config(tmp_path: Path, name: str, allow_private: bool) -> Path:
     data: dict[str, Any] = {
         "server": {"data_dir": str(tmp_path / "data")},
         "webhooks": {"allow_private_networks": allow_private},
+        "policy": {"allow_unconfigured_domains": True},
     }
     config = write_config(tmp_path / name, data)
     migrate(load_settings(config).spool_path)

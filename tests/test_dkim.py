@@ -178,14 +178,15 @@ def test_cli_domains_add_prints_the_records(tmp_path: Path):
     out = postroom_cli(config, "domains", "add", "Acme.Test.", "--selector", "s2",
                        "--algorithm", "both", "--json")
     data = json.loads(out.stdout)
-    assert data["domain"] == "acme.test"
-    names = [(r["name"], r["value"].split(";")[1].strip()) for r in data["dns"]]
+    assert data["name"] == "acme.test"
+    names = [(r["name"], r["value"].split(";")[1].strip()) for r in data["records"][:2]]
     assert names == [("s2._domainkey.acme.test", "k=rsa"),
                      ("s2-ed25519._domainkey.acme.test", "k=ed25519")]
+    assert [r["name"] for r in data["records"][2:]] == ["acme.test", "_dmarc.acme.test"]
     assert "PRIVATE" not in out.stdout + out.stderr
     again = postroom_cli(config, "domains", "add", "acme.test", check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = postroom_cli(config, "domains", "add", "not a domain", check=False)
-    assert bad.returncode == 1 and "is not a domain name" in bad.stderr
+    assert bad.returncode == 1 and "not a domain name" in bad.stderr
     bad = postroom_cli(config, "domains", "add", "b.test", "--algorithm", "ed25519", check=False)
     assert bad.returncode == 2  # never ed25519 alone

@@ -26,7 +26,9 @@ def submission(*recipients: str) -> Submission:
 
 @pytest.fixture
 async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    opened = await Spool.open(Settings(server={"data_dir": str(tmp_path)}))
+    opened = await Spool.open(
+        Settings(server={"data_dir": str(tmp_path)}, policy={"allow_unconfigured_domains": True})
+    )
     yield opened
     await opened.close()
 

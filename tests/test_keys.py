@@ -17,7 +17,8 @@ SEND_ROUTES = {
     ("POST", "/v1/messages"), ("POST", "/v1/messages/batch"),
     ("POST", "/v1/send"), ("POST", "/v1/send/batch"),
 }
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+# Open by design: the probes, the contract, and the unsubscribe links (the token is the key).
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/unsubscribe/{token}"}
 
 
 def every_route(postroom: Running) -> list[tuple[str, str]]:

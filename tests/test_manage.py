@@ -238,7 +238,9 @@ async def test_delete_says_when_the_only_unit_is_in_flight(start):
 
 @pytest.fixture
 async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    opened = await Spool.open(Settings(server={"data_dir": str(tmp_path)}))
+    opened = await Spool.open(
+        Settings(server={"data_dir": str(tmp_path)}, policy={"allow_unconfigured_domains": True})
+    )
     yield opened
     await opened.close()
 

@@ -180,6 +180,9 @@ retry_schedule = ["1s", "1s", "1s", "1s", "1s"]
 poll_interval = "0.2s"
 connect_timeout = "5s"
 
+[policy]
+allow_unconfigured_domains = true
+
 [delivery.routes."*"]
 host = "127.0.0.1"
 port = {sink_port}
