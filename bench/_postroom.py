@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +42,12 @@ trusted_networks = ["127.0.0.0/8"]
 
 [api]
 listen = "127.0.0.1:0"
+# Nothing answers DNS here: the recipient-domain check would wait out the timeout.
+check_recipient_domains = false
+
+[policy]
+# The benchmarks send from domains never added with `domains add`.
+allow_unconfigured_domains = true
 
 [delivery]
 dns_nameservers = ["127.0.0.1:1"]
@@ -78,6 +84,10 @@ def split_host_port(text: str) -> tuple[str, int]:
 class PrivatePostroom:
     """A Postroom process of our own, on 127.0.0.1; use as a context manager."""
 
+    #: The postroom.toml to run with (paths in it are relative to the temporary directory).
+    config: str = CONFIG
+    #: Called after `postroom init` and the key, before `postroom serve` (e.g. to fill the spool).
+    prepare: Callable[[PrivatePostroom], None] | None = None
     workdir: Path | None = None
     proc: subprocess.Popen[str] | None = None
     key: str = ""
@@ -118,6 +128,10 @@ class PrivatePostroom:
     ) -> None:
         self.stop()
 
+    def cli(self, *args: str) -> str:
+        """Run `postroom --config <ours> ARGS...`; its output (raises if it fails)."""
+        return self._cli(*args)
+
     def _cli(self, *args: str) -> str:
         done = subprocess.run(
             [*postroom_command(), "--config", str(self.config_path), *args],
@@ -135,9 +149,11 @@ class PrivatePostroom:
 
     def start(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
-        self.config_path.write_text(CONFIG, encoding="utf-8")
+        self.config_path.write_text(self.config, encoding="utf-8")
         self._cli("init")
         self.key = json.loads(self._cli("keys", "create", "--name", "bench", "--json"))["key"]
+        if self.prepare is not None:
+            self.prepare(self)
         self.proc = subprocess.Popen(
             [*postroom_command(), "--config", str(self.config_path), "serve"],
             stdin=subprocess.DEVNULL,

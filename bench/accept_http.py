@@ -15,10 +15,15 @@ Run (from the project root, with the project's virtualenv):
 
     .venv/bin/python bench/accept_http.py                    # small: 500 messages, 50 in flight
     .venv/bin/python bench/accept_http.py -n 20000 -c 100    # full size
+    .venv/bin/python bench/accept_http.py --batch 0          # without the batch timing
     .venv/bin/python bench/accept_http.py --url http://127.0.0.1:8025 --key KEY   # running one
 
 The client is one Python process too: on a small machine it competes with Postroom for CPU, so
 read the printed CPU figures next to msgs/s.
+
+After the single requests it times one `POST /v1/messages/batch` of --batch items (10,000 by
+default: the API's maximum), the same message each, from sending the request to the whole
+response.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="API of a running Postroom (default: start a private one)")
     parser.add_argument("--key", help="API key for --url")
     parser.add_argument("--timeout", type=float, default=60.0, help="per request, seconds (60)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=10_000,
+        help="then one POST /v1/messages/batch with this many items, timed (10000; 0: none)",
+    )
     args = parser.parse_args(argv)
     if args.url and not args.key:
         parser.error("--url needs --key")
@@ -55,7 +66,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--key goes with --url (a private Postroom makes its own key)")
     if args.messages < 1 or args.concurrency < 1:
         parser.error("-n and -c must be at least 1")
+    if args.batch < 0:
+        parser.error("--batch must be 0 or more")
     return args
+
+
+async def time_batch(
+    args: argparse.Namespace, url: str, headers: dict[str, str], item: dict[str, str]
+) -> tuple[bool, list[str]]:
+    """One batch request of `args.batch` copies of `item`: (all accepted?, report lines)."""
+    payload = json.dumps([item] * args.batch).encode()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout) as client:
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/messages/batch", content=payload)
+        except httpx.HTTPError as exc:
+            return False, [f"batch of {args.batch}: {type(exc).__name__}: {exc}"]
+        wall = time.perf_counter() - started
+    accepted = 0
+    if response.status_code in (200, 207):
+        accepted = sum(1 for entry in response.json()["data"] if "id" in entry)
+    line = (
+        f"batch of {args.batch} ({len(payload) / 1e6:.1f} MB request): HTTP "
+        f"{response.status_code}, {accepted} accepted in {wall:.3f} s "
+        f"= {accepted / wall:.1f} msgs/s (target: 10,000 in <= 2 s)"
+    )
+    lines = [line]
+    if response.status_code not in (200, 207):
+        lines.append(f"  body: {response.text[:1000]}")
+    return accepted == args.batch, lines
 
 
 async def run(
@@ -149,12 +188,23 @@ async def run(
     if first_error:
         print(f"  first error: {first_error[0]}")
     print(_postroom.latency_line("request latency (202 only)", latencies))
-    for line in watch.lines(wall) + _postroom.server_log_lines(server):
+    for line in watch.lines(wall):
         print(line)
     if interrupted:
         print(f"INTERRUPTED after {work.handed_out} of {args.messages} messages")
         return 130
-    return 0 if failed == 0 else 1
+    batch_ok = True
+    if args.batch:
+        item = {"from": "bench@acme.test", "to": "user@example.test", "subject": "batch",
+                "text": text}
+        batch_ok, lines = await time_batch(args, url, headers, item)
+        for line in lines:
+            print(line)
+        if server is not None:
+            print(f"postroom peak RSS after the batch: {_postroom.mib(server.peak_rss_kib())}")
+    for line in _postroom.server_log_lines(server):
+        print(line)
+    return 0 if failed == 0 and batch_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

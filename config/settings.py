@@ -246,6 +246,11 @@ class DeliverySettings(Section):
     destination_backoff: Duration = 30.0
     routes: dict[str, RouteSettings] = {}
     destinations: dict[str, DestinationSettings] = {}
+    # An SMTP session that ended cleanly stays open for further messages to the same host, up
+    # to this many messages in all (1: a new connection for every message).
+    connection_reuse_limit: int = Field(default=100, ge=1)
+    # ... and is closed when no message needed it for this long (Postfix: 2s as well).
+    connection_idle_timeout: Duration = 2.0
 
     @field_validator("source_address")
     @classmethod

@@ -22,7 +22,14 @@ from relay.dkim import DkimError, KeyRing
 from relay.mx import MxResolver, screen
 from relay.outcome import decide
 from relay.pacing import Limits, Pacer
-from relay.transport import Envelope, SessionPolicy, SessionResult, Timeouts, send
+from relay.transport import (
+    ConnectionCache,
+    Envelope,
+    SessionPolicy,
+    SessionResult,
+    Timeouts,
+    send,
+)
 from relay.unsubscribe import add_headers, unsubscribe_url
 from store import DeliveryJob, MessageType, Outcome, Reply, Source, Spool, StoreError, make_token
 
@@ -64,6 +71,11 @@ class DeliveryEngine:
             overridden={d: _limits(settings, d) for d in cfg.destinations},
             backoff=cfg.destination_backoff,
             backoff_cap=min([cfg.destination_backoff, *cfg.retry_schedule]),
+        )
+        self._connections = ConnectionCache(
+            reuse_limit=cfg.connection_reuse_limit,
+            idle_timeout=cfg.connection_idle_timeout,
+            max_idle=cfg.max_connections,
         )
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -126,6 +138,7 @@ class DeliveryEngine:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*pending, return_exceptions=True)
+        await self._connections.close()
 
     async def _attempt(self, job: DeliveryJob) -> None:
         result: SessionResult
@@ -174,7 +187,7 @@ class DeliveryEngine:
         if smarthost is not None:
             result = await send(
                 envelope, smarthost.host, smarthost.host, smarthost.port,
-                self._smarthost_policy(smarthost),
+                self._smarthost_policy(smarthost), self._connections,
             )
             return result, _is_unreachable(result)
         route = screen(
@@ -190,7 +203,9 @@ class DeliveryEngine:
         unreachable = True
         for host in route.hosts:
             for address in host.addresses:
-                last = await send(envelope, host.name, address, cfg.mx_port, self._policy)
+                last = await send(
+                    envelope, host.name, address, cfg.mx_port, self._policy, self._connections
+                )
                 unreachable = unreachable and _is_unreachable(last)
                 if last.failure is None:
                     return last, False

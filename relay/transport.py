@@ -12,6 +12,7 @@ Any timeout drops the connection. aiosmtplib's exceptions never leave this modul
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ from relay.outcome import make_reply
 from store import Reply
 
 logger = logging.getLogger(__name__)
+
+# QUIT on a session closed for idling or at shutdown: a polite goodbye, not worth waiting for.
+_QUIT_TIMEOUT = 5.0
 
 TlsMode = Literal["opportunistic", "required", "verify", "implicit"]
 
@@ -92,14 +96,151 @@ def tls_context(mode: TlsMode, ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+@dataclass(slots=True)
+class _Session:
+    """An open, greeted (and, per policy, encrypted and authenticated) SMTP session."""
+
+    smtp: aiosmtplib.SMTP
+    tls: str | None
+    messages: int = 0  # transactions it has carried
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """What a cached session may be reused for: the same host, address, port and policy."""
+
+    host: str
+    address: str
+    port: int
+    policy: SessionPolicy
+
+
+class _StaleSession(Exception):
+    """A cached session was gone before it carried anything of this message."""
+
+
+class ConnectionCache:
+    """Open sessions kept for further messages to the same host (Postfix's connection cache).
+
+    A session goes back into the cache only after a transaction that ended cleanly — never after
+    a timeout, a lost connection or a reply that ended the session — and only until it has
+    carried `reuse_limit` messages. It is closed (QUIT) when nobody took it for `idle_timeout`
+    seconds, when `max_idle` sessions are already waiting, or at `close()`. A session is used by
+    one attempt at a time: the engine's per-destination limits count attempts, and a cached
+    session waits only while no attempt holds it.
+    """
+
+    def __init__(self, *, reuse_limit: int, idle_timeout: float, max_idle: int) -> None:
+        self._reuse_limit = reuse_limit
+        self._idle_timeout = idle_timeout
+        self._max_idle = max_idle
+        self._idle: dict[_Key, list[tuple[_Session, asyncio.TimerHandle]]] = {}
+        self._count = 0
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def idle(self) -> int:
+        """Sessions waiting in the cache now."""
+        return self._count
+
+    def checkout(self, key: _Key) -> _Session | None:
+        """A cached session for `key` (it is the caller's now), or None."""
+        waiting = self._idle.get(key)
+        while waiting:
+            session, timer = waiting.pop()
+            self._count -= 1
+            timer.cancel()
+            if session.smtp.is_connected:
+                return session
+            session.smtp.close()
+        self._idle.pop(key, None)
+        return None
+
+    def checkin(self, key: _Key, session: _Session) -> bool:
+        """Keep `session` for the next message to `key`; False if it must be closed instead."""
+        if (
+            session.messages >= self._reuse_limit
+            or self._count >= self._max_idle
+            or not session.smtp.is_connected
+        ):
+            return False
+        timer = asyncio.get_running_loop().call_later(
+            self._idle_timeout, self._expire, key, session
+        )
+        self._idle.setdefault(key, []).append((session, timer))
+        self._count += 1
+        return True
+
+    def _expire(self, key: _Key, session: _Session) -> None:
+        waiting = self._idle.get(key, [])
+        for i, (cached, _) in enumerate(waiting):
+            if cached is session:
+                del waiting[i]
+                self._count -= 1
+                break
+        if not waiting:
+            self._idle.pop(key, None)
+        self._quit(session)
+
+    def _quit(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(_quit(session.smtp), name="smtp quit")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Say QUIT on every cached session and forget them (the engine's stop)."""
+        for waiting in self._idle.values():
+            for session, timer in waiting:
+                timer.cancel()
+                self._quit(session)
+        self._idle.clear()
+        self._count = 0
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.quit(timeout=_QUIT_TIMEOUT)
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        smtp.close()
+
+
 async def send(
-    envelope: Envelope, host: str, address: str, port: int, policy: SessionPolicy
+    envelope: Envelope,
+    host: str,
+    address: str,
+    port: int,
+    policy: SessionPolicy,
+    cache: ConnectionCache | None = None,
 ) -> SessionResult:
-    """Run the transaction(s) for `envelope` against `address` (which is `host`'s)."""
+    """Run the transaction(s) for `envelope` against `address` (which is `host`'s).
+
+    With a `cache`, a session left open by an earlier message to the same host is used first,
+    and this one is left open for the next message when it ended cleanly.
+    """
+    key = _Key(host, address, port, policy)
+    where = f"{host}[{address}]:{port}"
+    if cache is not None and (session := cache.checkout(key)) is not None:
+        try:
+            return await _run(session, envelope, key, where, cache)
+        except _StaleSession:
+            pass  # the server had closed it while it waited: a new session, as if none were kept
+    opened = await _open(key, where)
+    if isinstance(opened, SessionResult):
+        return opened
+    return await _run(opened, envelope, key, where, cache)
+
+
+async def _open(key: _Key, where: str) -> _Session | SessionResult:
+    """Connect, greet, STARTTLS and AUTH per policy; a failure result when that fails."""
+    policy = key.policy
     implicit = policy.tls == "implicit"
     smtp = aiosmtplib.SMTP(
-        hostname=address,
-        port=port,
+        hostname=key.address,
+        port=key.port,
         local_hostname=policy.local_hostname,
         source_address=(policy.source_address, 0) if policy.source_address else None,
         timeout=policy.timeouts.command,
@@ -107,35 +248,73 @@ async def send(
         start_tls=False,
         tls_context=tls_context(policy.tls, policy.tls_ca_file) if implicit else None,
     )
-    where = f"{host}[{address}]:{port}"
-
-    def failed(reply: Reply, tls: str | None = None) -> SessionResult:
-        return SessionResult(host=host, address=address, replies={}, failure=reply, tls=tls)
-
     try:
         await smtp.connect(timeout=policy.timeouts.connect)
     except aiosmtplib.SMTPConnectResponseError as exc:
-        return failed(make_reply(exc.code, exc.message))
+        return _failed_at(key, make_reply(exc.code, exc.message))
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-        return failed(Reply(451, "4.4.1", f"connect to {where} failed: {exc}"))
+        return _failed_at(key, Reply(451, "4.4.1", f"connect to {where} failed: {exc}"))
     tls: str | None = _tls_version(smtp) if implicit else None
     try:
-        tls = await _start_session(smtp, host, where, policy) or tls
-        replies, at_rcpt = await _transactions(smtp, envelope, policy.timeouts)
-        try:
-            await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            pass
-        return SessionResult(host, address, replies, tls=tls, at_rcpt=frozenset(at_rcpt))
-    except _SessionFailed as exc:
-        return failed(exc.reply, tls)
-    except aiosmtplib.SMTPResponseException as exc:
-        return failed(make_reply(exc.code, exc.message), tls)
-    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        # A timeout or a lost connection: the connection is dropped below, never reused.
-        return failed(Reply(451, "4.4.2", f"{where} lost the connection: {exc}"), tls)
-    finally:
+        tls = await _start_session(smtp, key.host, where, policy) or tls
+    except BaseException as exc:
         smtp.close()
+        if isinstance(exc, Exception) and (reply := _session_failure(exc, where)) is not None:
+            return _failed_at(key, reply, tls)
+        raise
+    return _Session(smtp, tls)
+
+
+async def _run(
+    session: _Session, envelope: Envelope, key: _Key, where: str, cache: ConnectionCache | None
+) -> SessionResult:
+    """The transactions of one message on an open session; then keep it or close it."""
+    smtp = session.smtp
+    is_kept = False
+    try:
+        replies, at_rcpt, is_clean = await _transactions(
+            smtp, envelope, key.policy.timeouts, is_reused=session.messages > 0
+        )
+        session.messages += 1
+        if cache is not None and not is_clean:
+            # A transaction was left open (no recipient accepted, or DATA refused): RSET first.
+            try:
+                await smtp.rset()
+                is_clean = True
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                pass
+        is_kept = cache is not None and is_clean and cache.checkin(key, session)
+        if not is_kept:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                pass
+        return SessionResult(
+            key.host, key.address, replies, tls=session.tls, at_rcpt=frozenset(at_rcpt)
+        )
+    except Exception as exc:
+        if (reply := _session_failure(exc, where)) is None:
+            raise
+        return _failed_at(key, reply, session.tls)
+    finally:
+        if not is_kept:
+            smtp.close()
+
+
+def _session_failure(exc: Exception, where: str) -> Reply | None:
+    """The reply standing for every recipient when the session failed; None: not ours."""
+    if isinstance(exc, _SessionFailed):
+        return exc.reply
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return make_reply(exc.code, exc.message)
+    if isinstance(exc, TimeoutError | aiosmtplib.SMTPException | OSError):
+        # A timeout or a lost connection: the connection is dropped, never reused.
+        return Reply(451, "4.4.2", f"{where} lost the connection: {exc}")
+    return None
+
+
+def _failed_at(key: _Key, reply: Reply, tls: str | None = None) -> SessionResult:
+    return SessionResult(host=key.host, address=key.address, replies={}, failure=reply, tls=tls)
 
 
 async def _start_session(
@@ -185,19 +364,31 @@ async def _start_session(
 
 
 async def _transactions(
-    smtp: aiosmtplib.SMTP, envelope: Envelope, timeouts: Timeouts
-) -> tuple[dict[int, Reply], set[int]]:
+    smtp: aiosmtplib.SMTP, envelope: Envelope, timeouts: Timeouts, *, is_reused: bool = False
+) -> tuple[dict[int, Reply], set[int], bool]:
+    """Each recipient's reply, those answered at RCPT, and whether no transaction is left open.
+
+    On a reused session, a first MAIL that finds the connection gone (or a `421`: the server
+    is closing it) raises `_StaleSession`: nothing of the message was sent yet.
+    """
     replies: dict[int, Reply] = {}
     at_rcpt: set[int] = set()
     pending: Sequence[tuple[int, str]] = envelope.recipients
+    is_clean = True
     while pending:
         try:
             await smtp.mail(envelope.mail_from)
+        except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+            if is_reused and not replies:
+                raise _StaleSession() from exc
+            raise
         except aiosmtplib.SMTPSenderRefused as exc:
+            if is_reused and not replies and exc.code == 421:
+                raise _StaleSession() from exc
             if replies:  # a later transaction: its recipients get the refusal
                 for rid, _ in pending:
                     replies[rid] = make_reply(exc.code, exc.message)
-                return replies, at_rcpt
+                return replies, at_rcpt, is_clean
             raise _SessionFailed(make_reply(exc.code, exc.message)) from None
         accepted: list[int] = []
         too_many: list[tuple[int, str]] = []
@@ -213,11 +404,14 @@ async def _transactions(
                 replies[rid] = make_reply(resp.code, resp.message)
                 at_rcpt.discard(rid)
                 accepted.append(rid)
+        is_clean = False
         if accepted:
             try:
                 resp = await smtp.data(envelope.content, timeout=timeouts.data)
                 final = make_reply(resp.code, resp.message)
+                is_clean = True
             except aiosmtplib.SMTPDataError as exc:
+                # Refused at DATA or after the final dot: which one is not told, so RSET.
                 final = make_reply(exc.code, exc.message)
             # The reply after the final dot is every accepted recipient's outcome.
             for rid in accepted:
@@ -225,7 +419,7 @@ async def _transactions(
         if not accepted or not too_many:
             break  # no progress: what is left keeps its 552 (deferred: see outcome.classify)
         pending = too_many
-    return replies, at_rcpt
+    return replies, at_rcpt, is_clean
 
 
 def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:

@@ -226,3 +226,12 @@ class MxSink:
         async with self._changed:
             self.messages.append(message)
             self._changed.notify_all()
+
+    # -- server-side closes --------------------------------------------------------------------
+
+    def drop_sessions(self) -> None:
+        """Close every open session from the server side, as an MX that times clients out."""
+        for proto in list(self._live):
+            transport = proto._original_transport or proto.transport
+            if transport is not None:
+                transport.close()
