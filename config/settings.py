@@ -251,6 +251,9 @@ class DeliverySettings(Section):
     connection_reuse_limit: int = Field(default=100, ge=1)
     # ... and is closed when no message needed it for this long (Postfix: 2s as well).
     connection_idle_timeout: Duration = 2.0
+    # Units overdue by more than this are claimed oldest first beside the priority order, so
+    # high-priority mail never starves normal and low.
+    priority_aging: Duration = 300.0
 
     @field_validator("source_address")
     @classmethod

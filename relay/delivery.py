@@ -96,6 +96,7 @@ class DeliveryEngine:
                         per_destination=default_room,
                         lease=cfg.lease,
                         rooms=rooms,
+                        aging=cfg.priority_aging,
                     )
                 except StoreError as exc:
                     # A failed commit (write lock held too long, full disk) is the spool's

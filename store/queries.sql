@@ -77,6 +77,20 @@ WHERE id IN (
 RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, last_code,
           last_enhanced, last_text, delivered_at, updated_at;
 
+-- name: claim_destination_aged
+-- Aging: lease up to :limit units of one destination due since before :overdue, oldest first,
+-- whatever their priority (claim_destination then fills the rest by priority).
+UPDATE recipients
+SET status = 'sending', due_at = :lease_until, updated_at = :now
+WHERE id IN (
+    SELECT id FROM recipients
+    WHERE domain = :domain AND due_at <= :overdue
+    ORDER BY due_at
+    LIMIT :limit
+)
+RETURNING id, message_seq, email, domain, status, priority, attempts, due_at, last_code,
+          last_enhanced, last_text, delivered_at, updated_at;
+
 -- name: messages_for_delivery
 SELECT m.seq, m.id, m.created_at, m.source, m.mail_from, m.body, m.tags, m.metadata,
        m.message_type, coalesce(k.test, 0) AS test

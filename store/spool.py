@@ -349,11 +349,15 @@ class Spool:
         lease: float,
         now: float | None = None,
         rooms: Mapping[str, int] | None = None,
+        aging: float = 300.0,
     ) -> list[DeliveryJob]:
         """Lease due units, round-robin over destinations, grouped into per-message jobs.
 
         A destination gets at most `rooms[destination]` units (pacing's answer: what it can
-        start now), else `per_destination`.
+        start now), else `per_destination`. Within a destination higher priority goes first,
+        but about half of each claim (every other claim when the room is one) goes to units
+        overdue by more than `aging` seconds, oldest first: high-priority mail cannot starve
+        normal and low, nor can fresh mail be starved by an old backlog (qmgr's fairness).
         """
         room_of = dict(rooms or {})
         start = self._rotation
@@ -377,10 +381,18 @@ class Spool:
                 limit = min(room, room_of.get(domain, per_destination))
                 if limit <= 0:
                     continue
-                rows = conn.execute(
-                    Q["claim_destination"],
-                    {"domain": domain, "now": at, "lease_until": at + lease, "limit": limit},
-                ).fetchall()
+                params = {"domain": domain, "now": at, "lease_until": at + lease}
+                aged_limit = (limit + start % 2) // 2
+                rows = []
+                if aged_limit:
+                    rows = conn.execute(
+                        Q["claim_destination_aged"],
+                        {**params, "overdue": at - aging, "limit": aged_limit},
+                    ).fetchall()
+                if len(rows) < limit:
+                    rows += conn.execute(
+                        Q["claim_destination"], {**params, "limit": limit - len(rows)}
+                    ).fetchall()
                 claimed.extend(Recipient.from_row(r) for r in rows)
             return _group_jobs(conn, claimed, self._limits.sealer)
 

@@ -16,6 +16,7 @@ from store import (
     IdempotencyKey,
     NotFound,
     PolicyRejected,
+    Priority,
     RecipientStatus,
     Scope,
     Source,
@@ -245,3 +246,18 @@ def test_line_endings_are_normalised_to_crlf(content: bytes, normalised: bytes):
 )
 def test_header_block_is_the_header_only(content: bytes, block: bytes):
     assert header_block(content) == block
+
+
+async def test_priority_goes_first_but_overdue_low_priority_mail_is_not_starved(spool: Spool):
+    low = await spool.accept(replace(submission("low@big.test"), priority=Priority.LOW))
+    for i in range(6):
+        await spool.accept(replace(submission(f"h{i}@big.test"), priority=Priority.HIGH))
+    now = (await spool.get_message(low.id)).created_at
+    # Fresh: one slot per claim, high priority first.
+    [first] = await spool.claim_due(1, 1, lease=60, now=now + 1, aging=300)
+    assert first.recipients[0].email.startswith("h")
+    # Overdue past the aging limit: the low-priority unit gets a turn within two claims.
+    later = now + 301
+    claimed = [j.recipients[0].email for _ in range(2)
+               for j in await spool.claim_due(1, 1, lease=60, now=later, aging=300)]
+    assert "low@big.test" in claimed
