@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -109,6 +110,16 @@ def _address(value: object) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Address = Annotated[str, BeforeValidator(_address)]
+
+
+def _steps(value: list[float]) -> list[float]:
+    if not value:
+        raise ValueError("needs at least one step")
+    return value
+
+
+#: A retry schedule: the waits after each failed attempt, at least one.
+Schedule = Annotated[list[Duration], AfterValidator(_steps)]
 
 
 class Section(BaseModel):
@@ -225,7 +236,7 @@ class DeliverySettings(Section):
     dns_nameservers: list[str] = []
     dns_timeout: Duration = 5.0
     mx_port: int = Field(default=25, ge=1, le=65535)
-    retry_schedule: list[Duration] = [30.0, 300.0, 1800.0, 7200.0, 18000.0]
+    retry_schedule: Schedule = [30.0, 300.0, 1800.0, 7200.0, 18000.0]
     max_connections: int = Field(default=100, ge=1)
     max_connections_per_destination: int = Field(default=10, ge=1)
     claim_batch: int = Field(default=100, ge=1)
@@ -297,13 +308,6 @@ class DeliverySettings(Section):
         # the same servers.
         return [parse_address(s if ":" in s else f"{s}:53") for s in self.dns_nameservers]
 
-    @field_validator("retry_schedule")
-    @classmethod
-    def _non_empty(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("needs at least one step")
-        return value
-
     @model_validator(mode="after")
     def _lease_covers_attempt(self) -> DeliverySettings:
         # A lease shorter than an attempt would let a live process claim a unit twice.
@@ -335,7 +339,7 @@ class WebhookSettings(Section):
     # this is on (sidecar setups where the app lives on the same host or LAN).
     allow_private_networks: bool = False
     # Waits after each failed attempt (the first attempt is immediate); after the last, give up.
-    retry_schedule: list[Duration] = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    retry_schedule: Schedule = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
     retry_jitter: float = Field(default=0.1, ge=0.0, le=1.0)
     timeout: Duration = 10.0
     max_concurrency: int = Field(default=50, ge=1)
@@ -345,13 +349,6 @@ class WebhookSettings(Section):
     poll_interval: Duration = 1.0
     secret_rotation_overlap: Duration = 86400.0
     replay_limit: int = Field(default=10_000, ge=1)
-
-    @field_validator("retry_schedule")
-    @classmethod
-    def _non_empty(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("needs at least one step")
-        return value
 
     @model_validator(mode="after")
     def _lease_covers_attempt(self) -> WebhookSettings:

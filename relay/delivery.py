@@ -12,7 +12,6 @@ timeout and gives every other lease back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from relay.dkim import DkimError, KeyRing
 from relay.mx import MxResolver, screen
 from relay.outcome import decide
 from relay.pacing import Limits, Pacer
+from relay.tasks import drain, first_of
 from relay.transport import (
     ConnectionCache,
     Envelope,
@@ -119,26 +119,19 @@ class DeliveryEngine:
         self._slot_freed.set()
 
     async def _wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
-        waiters = [
-            asyncio.ensure_future(self._spool.work_available.wait()),
-            asyncio.ensure_future(self._slot_freed.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first_of(
+            (
+                self._spool.work_available.wait(),
+                self._slot_freed.wait(),
+                self._stopping.wait(),
+            ),
+            timeout,
+        )
 
     async def stop(self, timeout: float) -> None:  # noqa: ASYNC109
         """Stop claiming; let running attempts finish within `timeout`, then release the rest."""
         self._stopping.set()
-        if self._running:
-            _, pending = await asyncio.wait(set(self._running), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._running, timeout)
         await self._connections.close()
 
     async def _attempt(self, job: DeliveryJob) -> None:

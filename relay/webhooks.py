@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -27,6 +26,7 @@ import httpx
 
 from config import Settings
 from relay.egress import Egress, Target
+from relay.tasks import drain, first_of
 from store import (
     AttemptResult,
     Event,
@@ -212,26 +212,19 @@ class WebhookDispatcher:
 
     async def _wait(self, timeout: float) -> None:  # noqa: ASYNC109
         self._slot_freed.clear()
-        waiters = [
-            asyncio.ensure_future(self._spool.wait_for_events(timeout)),
-            asyncio.ensure_future(self._stopping.wait()),
-            asyncio.ensure_future(self._slot_freed.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first_of(
+            (
+                self._spool.wait_for_events(timeout),
+                self._stopping.wait(),
+                self._slot_freed.wait(),
+            ),
+            timeout,
+        )
 
     async def stop(self, timeout: float) -> None:  # noqa: ASYNC109
         """Stop claiming; let running requests finish within `timeout`, release the rest."""
         self._stopping.set()
-        if self._running:
-            _, pending = await asyncio.wait(set(self._running), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._running, timeout)
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
