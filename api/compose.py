@@ -12,10 +12,10 @@ from __future__ import annotations
 import mimetypes
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 
 from api.models import AttachmentIn, SendRequest, mailbox_address, parse_mailbox
+from store import SMTP_POLICY
 
 
 def envelope_sender(request: SendRequest) -> str:
@@ -48,7 +48,7 @@ def _mime_type(attachment: AttachmentIn) -> tuple[str, str]:
 
 def compose(request: SendRequest, hostname: str, now: float) -> bytes:
     """The message as bytes, CRLF line endings. Raises ValueError for what EmailMessage refuses."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=SMTP_POLICY)
     [sender] = _addresses([request.from_])
     msg["From"] = sender
     if request.to:

@@ -16,6 +16,7 @@ from store.errors import (
     StorageFull,
     StoreError,
 )
+from store.headers import SMTP_POLICY
 from store.health import inspect as inspect_spool
 from store.intake import domain_of, normalise_domain
 from store.observer import NullObserver, SpoolObserver
@@ -87,6 +88,7 @@ from store.unsubscribe import make_token, read_token
 __all__ = [
     "ALL_EVENTS",
     "NEWEST",
+    "SMTP_POLICY",
     "Accepted",
     "ApiKey",
     "AttemptResult",

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message as EmailHeaders
 from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
 
 import idna
 
@@ -28,6 +27,7 @@ from store import idempotency
 from store.crypto import BODY, Sealer
 from store.errors import IdempotencyConflict, PolicyRejected, StoreError
 from store.events import append_events
+from store.headers import DEFAULT_POLICY
 from store.ids import new_id
 from store.records import (
     Accepted,
@@ -49,7 +49,7 @@ BATCH_JOB_SIZE = 1000
 
 # A message without an empty line has no body; its header cannot sensibly be longer than this.
 _HEADERLESS_SCAN = 1024 * 1024
-_HEADER_PARSER = BytesHeaderParser(policy=default_policy)
+_HEADER_PARSER = BytesHeaderParser(policy=DEFAULT_POLICY)
 _INTAKE_EVENTS = {
     RecipientStatus.QUEUED: EventType.EMAIL_QUEUED,
     RecipientStatus.SCHEDULED: EventType.EMAIL_SCHEDULED,
