@@ -66,7 +66,7 @@ class DeliveryEngine:
         )
         self._keys = KeyRing(spool.domain_keys, ttl=cfg.key_cache_ttl)
         self._pacer = Pacer(
-            limits=lambda d: _limits(settings, d),
+            limits=lambda d: _limits(self._settings, d),
             default=_limits(settings, ""),
             overridden={d: _limits(settings, d) for d in cfg.destinations},
             backoff=cfg.destination_backoff,
@@ -82,8 +82,8 @@ class DeliveryEngine:
         self._slot_freed = asyncio.Event()
 
     async def run(self) -> None:
-        cfg = self._settings.delivery
         while not self._stopping.is_set():
+            cfg = self._settings.delivery  # read each round: a reload may have changed it
             free = cfg.max_connections - len(self._running)
             jobs: list[DeliveryJob] = []
             if free > 0:
@@ -117,6 +117,18 @@ class DeliveryEngine:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slot_freed.set()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Routes, pacing and retry settings from a reload (SIGHUP); attempts under way keep
+        what they started with, the next claim and the next attempt use the new ones."""
+        cfg = settings.delivery
+        self._settings = settings
+        self._pacer.reconfigure(
+            default=_limits(settings, ""),
+            overridden={d: _limits(settings, d) for d in cfg.destinations},
+            backoff=cfg.destination_backoff,
+            backoff_cap=min([cfg.destination_backoff, *cfg.retry_schedule]),
+        )
 
     async def _wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
         await first_of(

@@ -113,7 +113,7 @@ class Egress:
 
     def __init__(self, resolver: dns.asyncresolver.Resolver, allow_private: bool) -> None:
         self._resolver = resolver
-        self._allow_private = allow_private
+        self.allow_private = allow_private
 
     async def target(self, url: str) -> Target | UrlRefusal:
         parts = parse_url(url)
@@ -124,7 +124,7 @@ class Egress:
         addresses = await self._addresses(host)
         if isinstance(addresses, UrlRefusal):
             return addresses
-        if not self._allow_private:
+        if not self.allow_private:
             # Every address must be public: a name with one private address among public
             # ones is refused too, since any of them may be the one used.
             for address in addresses:

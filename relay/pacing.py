@@ -52,6 +52,19 @@ class Pacer:
         self._clock = clock
         self._states: dict[str, _State] = {}
 
+    def reconfigure(
+        self,
+        default: Limits,
+        overridden: Mapping[str, Limits],
+        backoff: float,
+        backoff_cap: float,
+    ) -> None:
+        """New limits (SIGHUP); connections held and buckets keep their state."""
+        self._default = default
+        self._overridden = dict(overridden)
+        self._backoff = backoff
+        self._backoff_cap = backoff_cap
+
     def _state(self, destination: str) -> _State:
         state = self._states.get(destination)
         if state is None:

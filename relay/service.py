@@ -20,6 +20,7 @@ import math
 import signal
 import ssl
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import uvicorn
@@ -54,6 +55,25 @@ class _Server(uvicorn.Server):
     def capture_signals(self):  # type: ignore[no-untyped-def]
         yield
 
+
+#: Settings the delivery engine and the webhook dispatcher take on at a reload (SIGHUP): they
+#: are read per claim or per attempt. The others (timeouts, TLS policy, listeners, …) need a
+#: restart, and the reload's log line says so.
+_LIVE_DELIVERY = [
+    f"delivery.{name}"
+    for name in (
+        "routes", "destinations", "max_connections", "max_connections_per_destination",
+        "message_rate", "destination_backoff", "retry_schedule", "max_age", "return_path",
+        "claim_batch", "poll_interval", "priority_aging", "mx_port", "allow_private_mx",
+    )
+]
+_LIVE_WEBHOOKS = [
+    f"webhooks.{name}"
+    for name in (
+        "allow_private_networks", "retry_schedule", "retry_jitter", "max_concurrency",
+        "claim_batch", "poll_interval",
+    )
+]
 
 @dataclass
 class Readiness:
@@ -184,6 +204,13 @@ class Service:
                 spool, settings, MxResolver(build_resolver(settings)), self.smtp_addresses
             )
             tasks["delivery"] = asyncio.create_task(engine.run(), name="delivery")
+            live_engine = engine
+            self.on_reload(
+                "delivery", _LIVE_DELIVERY, lambda new: partial(live_engine.reconfigure, new)
+            )
+            self.on_reload(
+                "webhooks", _LIVE_WEBHOOKS, lambda new: partial(dispatcher.reconfigure, new)
+            )
             if recovered := await spool.recover_webhook_leases():
                 logger.warning("%d webhook delivery(ies) were in flight at the last stop: due now",
                                recovered)
@@ -374,6 +401,7 @@ class Service:
         return True
 
     def _register_reload_hooks(self) -> None:
+        # The delivery engine and the webhook dispatcher register theirs once they exist.
         self.on_reload("logging", ["server.log_level", "log.format"], _prepare_logging)
         # Read from self.settings when the shutdown begins.
         self.on_reload("shutdown", ["server.shutdown_timeout"], lambda new: _nothing)

@@ -146,6 +146,11 @@ class WebhookDispatcher:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Webhook settings from a reload (SIGHUP): the next requests use them."""
+        self._cfg = settings.webhooks
+        self._egress.allow_private = settings.webhooks.allow_private_networks
+
     # The API's view (api/types.py WebhookGateway).
 
     async def check_url(self, url: str) -> UrlRefusal | None:
@@ -174,8 +179,8 @@ class WebhookDispatcher:
     # The loop.
 
     async def run(self) -> None:
-        cfg = self._cfg
         while not self._stopping.is_set():
+            cfg = self._cfg  # read each round: a reload may have changed it
             free = cfg.max_concurrency - len(self._running)
             claimed: list[WebhookDelivery] = []
             if free > 0 and await self._spool.has_due_webhooks(self._clock()):
