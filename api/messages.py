@@ -37,6 +37,7 @@ from api.errors import (
     from_validation_error,
 )
 from api.models import (
+    UNENCODABLE,
     AcceptedOut,
     CompatSendRequest,
     MessageOut,
@@ -44,6 +45,7 @@ from api.models import (
     check_idempotency_key,
     mailbox_address,
     parse_mailbox,
+    unencodable_paths,
 )
 from api.template_engine import RenderError, render
 from api.types import AppState
@@ -138,6 +140,12 @@ def idempotency_key_of(body: object, header: str | None) -> IdempotencyKey | Non
             return None  # validation names the field
         return IdempotencyKey(in_body, fingerprint(body))
     return None
+
+
+def refuse_unencodable(body: object) -> None:
+    """422 naming every field that holds a string UTF-8 cannot encode (a lone surrogate)."""
+    if paths := unencodable_paths(body):
+        raise ValidationFailed(details=[Detail(path, UNENCODABLE) for path in paths])
 
 
 def check_limits(send: SendRequest, settings: Settings, now: float) -> None:
@@ -272,6 +280,7 @@ def prepare(
         key = idempotency_key_of(body, header_key)
         if not isinstance(body, dict):
             raise ValidationFailed("each message must be a JSON object")
+        refuse_unencodable(body)
         body = apply_template(body, context)
         try:
             send = SendRequest.model_validate(body)
@@ -333,20 +342,24 @@ def prepare_compat(
     try:
         if not isinstance(body, dict):
             raise ValidationFailed("each message must be a JSON object")
+        # The channel first: another channel's shape is not refused as a malformed email.
+        channel = body.get("channel")
+        if isinstance(channel, str) and channel != "email":
+            raise ValidationFailed(
+                f"channel {channel!r} is not enabled; only 'email' is",
+                [Detail("channel", "only 'email' is enabled")],
+                slug="channel_not_enabled",
+            )
+        refuse_unencodable(body)
         try:
             compat = CompatSendRequest.model_validate(body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        if compat.channel != "email":
-            raise ValidationFailed(
-                f"channel {compat.channel!r} is not enabled; only 'email' is",
-                [Detail("channel", "only 'email' is enabled")],
-                slug="channel_not_enabled",
-            )
         metadata = dict(compat.metadata)
         if "from_email" not in metadata:
             raise ValidationFailed(details=[Detail("metadata.from_email", "Field required")])
-        key = header_key or compat.idempotency_key or f"gen_{uuid.uuid4().hex}"
+        given = idempotency_key_of(body, header_key)  # the header checked as /v1/messages does
+        key = given.key if given is not None else f"gen_{uuid.uuid4().hex}"
     except ApiError as error:
         return Item(error=error)
     native: dict[str, Any] = {

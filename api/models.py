@@ -58,6 +58,50 @@ def _no_controls(value: str) -> str:
     return value
 
 
+def _is_utf8(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(key: str) -> str:
+    """A dict key as a path segment that can itself be rendered: `\\ud800` for a surrogate."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unencodable_paths(body: object) -> list[str]:
+    """The paths (`tags[0].name`, `metadata.k`) of strings in a parsed JSON body that UTF-8
+    cannot encode.
+
+    `json.loads` turns `"\\ud800"` into a lone surrogate; pydantic's `str` accepts it, and the
+    first response that renders it fails. One walk over the raw body refuses it in every field,
+    dict keys included, before any model sees it. Iterative: bodies may nest deeply.
+    """
+    found: list[str] = []
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                found.append(path or "body")
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                name = f"{path}.{_escaped(key)}" if path else _escaped(key)
+                stack.append((name, item))
+                if not _is_utf8(key):
+                    stack.append((name, key))
+    return list(dict.fromkeys(found))
+
+
+UNENCODABLE = "must be valid Unicode text (a lone surrogate such as \\ud800 is not)"
+
+
 def normalise_address(value: str) -> str:
     """A checked addr-spec with its domain in ASCII (IDNA), as the envelope needs it.
 

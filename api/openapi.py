@@ -50,6 +50,12 @@ class Op:
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = ()
     extra_ok: tuple[int, ...] = field(default=())  # other success statuses with the same body
+    #: A POST that only reads (DNS lookups): no 507. Every other non-GET route writes.
+    is_read_only: bool = False
+
+    @property
+    def writes(self) -> bool:
+        return self.method != "GET" and not self.is_read_only
 
 
 def _string(**extra: Any) -> dict[str, Any]:
@@ -68,7 +74,7 @@ _IDEMPOTENCY = Param(
     "Idempotency-Key", _string(minLength=1, maxLength=255), where="header",
     description="the same key and body replay the first answer (see README, Idempotency)",
 )
-_SEND = (400, 403, 409, 413, 422, 507)
+_SEND = (400, 403, 409, 413, 422)
 _ID = (404,)
 
 OPERATIONS: tuple[Op, ...] = (
@@ -147,7 +153,7 @@ OPERATIONS: tuple[Op, ...] = (
     Op("DELETE", "/v1/domains/{name}", "Remove a sending domain and its keys", "full", 204,
        errors=_ID),
     Op("POST", "/v1/domains/{name}/verify", "Look the domain's records up in DNS now", "full",
-       response=m.DomainVerifyOut, errors=_ID),
+       response=m.DomainVerifyOut, errors=_ID, is_read_only=True),
     Op("GET", "/v1/suppressions", "The suppression list, by address", "full",
        response=m.SuppressionPageOut,
        params=(
@@ -187,6 +193,7 @@ _ERROR_TEXT = {
     413: "the body or the message is too large",
     422: "invalid fields: `details` names them",
     429: "over a rate limit: retry after `Retry-After` seconds",
+    500: "an unexpected error (`internal_error`); it has been logged",
     503: "shutting down or the spool is unavailable: retry later",
     507: "the spool's disk is full: retry later",
 }
@@ -263,7 +270,9 @@ def _operation(op: Op, refs: dict[tuple[Any, JsonSchemaMode], Any]) -> dict[str,
             responses[str(status)] = {
                 "description": "OK", "content": {op.media: {"schema": {"type": "string"}}}
             }
-    errors = set(op.errors) | {503}
+    errors = set(op.errors) | {500, 503}
+    if op.writes:  # every spool write can find the disk full (api/errors.py, from_store_error)
+        errors |= {507}
     if op.scope:
         errors |= {401, 403, 429}
     error_ref = refs[(m.ErrorOut, "serialization")]

@@ -23,7 +23,8 @@ async def get_stats(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     await authenticate(request, state.spool, Scope.FULL)
     query = request.query_params
-    until = parse_time(query, "until") or time.time()
+    until = parse_time(query, "until")
+    until = time.time() if until is None else until  # the epoch itself is a valid bound
     since = parse_time(query, "since")
     since = until - DEFAULT_WINDOW if since is None else since
     if since >= until:

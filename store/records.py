@@ -8,6 +8,7 @@ sent on the wire. Nothing outside `store/` sees a row or a cursor; it sees these
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -322,15 +323,16 @@ def format_event_id(seq: int) -> str:
     return f"evt_{seq:016x}"
 
 
+# 16 hex digits, and no more than SQLite's largest INTEGER (2**63 - 1): a bigger number would
+# overflow the query it is bound to. `int(x, 16)` alone also takes `+`, `-`, `_` and spaces.
+_EVENT_ID = re.compile(r"evt_[0-7][0-9a-f]{15}")
+
+
 def parse_event_id(public_id: str) -> int | None:
     """The sequence number behind an `evt_` id, or None when it is not one."""
-    body = public_id.removeprefix("evt_")
-    if len(body) != 16 or body == public_id:
+    if not _EVENT_ID.fullmatch(public_id):
         return None
-    try:
-        return int(body, 16)
-    except ValueError:
-        return None
+    return int(public_id.removeprefix("evt_"), 16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,3 +142,36 @@ async def test_compat_refusals_name_the_compat_fields(postroom: Running):
         (True, None), (False, "channel_not_enabled")
     ]
     assert len(await postroom.spool.list_messages()) == 1
+
+
+async def test_compat_channel_is_checked_before_the_email_shape(postroom: Running):
+    sms = {"channel": "sms", "destination": {"phone": "+15555550100"},
+           "payload": {"body_text": "hi"}}
+    async with postroom.http(await postroom.new_key()) as http:
+        response = await http.post("/v1/send", json=sms)
+        batch = await http.post("/v1/send/batch", json=[sms])
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "channel_not_enabled"
+    assert [d["field"] for d in response.json()["details"]] == ["channel"]
+    assert batch.json()["data"][0]["error"] == "channel_not_enabled"
+    assert await postroom.spool.list_messages() == []
+
+
+async def test_compat_idempotency_key_header_is_checked_like_the_native_one(postroom: Running):
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        too_long = await http.post("/v1/send", json=COMPAT, headers={"Idempotency-Key": "k" * 300})
+        disagrees = await http.post("/v1/send", json={**COMPAT, "idempotency_key": "k1"},
+                                    headers={"Idempotency-Key": "k2"})
+        assert await postroom.spool.list_messages() == []
+        agrees = await http.post("/v1/send", json={**COMPAT, "idempotency_key": "k1"},
+                                 headers={"Idempotency-Key": "k1"})
+        header_only = await http.post("/v1/send", json={**COMPAT, "idempotency_key": None},
+                                      headers={"Idempotency-Key": "k3"})
+    assert too_long.status_code == 422, too_long.text
+    assert [d["field"] for d in too_long.json()["details"]] == ["Idempotency-Key"]
+    assert disagrees.status_code == 422, disagrees.text
+    assert [d["field"] for d in disagrees.json()["details"]] == ["idempotency_key"]
+    assert agrees.status_code == 202 and agrees.json()["idempotency_key"] == "k1"
+    assert header_only.status_code == 202 and header_only.json()["idempotency_key"] == "k3"
+    assert len(await postroom.spool.list_messages()) == 2

@@ -169,3 +169,29 @@ async def test_health_and_readiness(postroom: Running):
         assert refused.status_code == 503
         assert refused.json()["error"] == "service_unavailable"
         postroom.service.readiness.is_stopping = False
+
+
+async def test_event_ids_beyond_sqlite_integers_are_malformed_not_500(start):
+    postroom = await start(webhooks={"allow_private_networks": True})
+    too_big = ["evt_8000000000000000", "evt_ffffffffffffffff"]
+    # int(x, 16) alone would take these too: signs, underscores, spaces.
+    odd = ["evt_+000000000000001", "evt_-000000000000001", "evt_0_00000000000001",
+           "evt_ 000000000000001"]
+    async with postroom.http(await postroom.new_key()) as http:
+        hook = await http.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+        assert hook.status_code == 201, hook.text
+        replay = f"/v1/webhooks/{hook.json()['id']}/replay"
+        for event_id in too_big + odd:
+            listed = await http.get("/v1/events", params={"after": event_id})
+            replayed = await http.post(replay, json={"event_id": event_id})
+            streamed = await http.get("/v1/events/stream", headers={"Last-Event-ID": event_id})
+            for response, field in ((listed, "after"), (replayed, "event_id"),
+                                    (streamed, "Last-Event-ID")):
+                assert response.status_code == 422, (event_id, field, response.text)
+                assert response.json()["error"] == "invalid_cursor"
+                assert [d["field"] for d in response.json()["details"]] == [field]
+        # The largest id SQLite can hold is still an id.
+        listed = await http.get("/v1/events", params={"after": "evt_7fffffffffffffff"})
+        assert listed.status_code == 200 and listed.json()["data"] == [], listed.text
+        replayed = await http.post(replay, json={"event_id": "evt_7fffffffffffffff"})
+        assert replayed.status_code == 202 and replayed.json() == {"queued": 0}, replayed.text

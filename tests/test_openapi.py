@@ -44,6 +44,20 @@ async def test_every_route_is_in_the_document(postroom: Running):
     )
     listing = spec["paths"]["/v1/messages"]["get"]
     assert {p["name"] for p in listing["parameters"]} >= {"status", "cursor", "limit", "from"}
+    # Every route that writes to the spool can find its disk full; any route can fail.
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            assert "500" in operation["responses"], (method, path)
+            if method != "get":
+                assert ("507" in operation["responses"]) == (
+                    (method, path) != ("post", "/v1/domains/{name}/verify")
+                ), (method, path)
+            else:
+                assert "507" not in operation["responses"], (method, path)
+    for method, path in [("delete", "/v1/messages/{id}"), ("post", "/v1/webhooks"),
+                         ("put", "/v1/templates/{id}"), ("post", "/unsubscribe/{token}")]:
+        assert spec["paths"][path][method]["responses"]["507"]["content"][
+            "application/json"]["schema"]["$ref"].endswith("/ErrorOut")
 
 
 async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(postroom: Running,

@@ -115,6 +115,21 @@ async def test_http_shape_and_errors(postroom: Running):
             assert r.status_code == 422, bad
 
 
+async def test_until_at_the_epoch_is_a_bound_not_missing(postroom: Running):
+    epoch = "1970-01-01T00:00:00Z"
+    async with postroom.http(await postroom.new_key()) as client:
+        same = await client.get("/v1/stats", params={"since": epoch, "until": epoch})
+        until_only = await client.get("/v1/stats", params={"until": epoch})
+        window = await client.get("/v1/stats", params={"since": epoch,
+                                                        "until": "1970-01-02T00:00:00Z"})
+    assert same.status_code == 422, same.text
+    assert [d["field"] for d in same.json()["details"]] == ["since"]
+    assert until_only.status_code == 200, until_only.text
+    assert until_only.json()["until"] == "1970-01-01T00:00:00.000Z"
+    assert until_only.json()["since"] == "1969-12-25T00:00:00.000Z"
+    assert window.status_code == 200 and window.json()["until"] == "1970-01-02T00:00:00.000Z"
+
+
 def test_cli_prints_a_table_and_json(tmp_path: Path):
     config = write_config(tmp_path / "postroom.toml", {"server": {"data_dir": "var"}})
     postroom_cli(config, "init")
