@@ -92,6 +92,23 @@ def is_loopback(host: str) -> bool:
     return ip.is_loopback
 
 
+def is_valid_mailbox(address: str) -> bool:
+    """Whether an envelope address is `local@domain` in valid UTF-8, without control characters.
+
+    aiosmtpd decodes command arguments as UTF-8 with `surrogateescape` (SMTPUTF8 is enabled), so
+    bytes that are not UTF-8 reach the hooks as lone surrogates, which the spool cannot store:
+    they are refused at MAIL/RCPT with a permanent reply, never at DATA with a temporary one.
+    """
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
+        return False
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain)
+
+
 # -- replies -------------------------------------------------------------------------------------
 
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
@@ -105,7 +122,15 @@ _REWRITES = {
     "250 OK": "250 2.0.0 Ok",
     "221 Bye": "221 2.0.0 Bye",
     "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    # 2.0.0, as Postfix answers VRFY: X.5.2 would say "syntax error" (RFC 3463 §3.6).
+    "252 Cannot VRFY user, but will accept message and attempt delivery":
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
 }
+# aiosmtpd's HELP answers 250; RFC 5321 §4.2.2 has 214 for a help reply.
+_PREFIX_REWRITES = (
+    ("250 Supported commands: ", "214 2.0.0 Supported commands: "),
+    ("250 Syntax: ", "214 2.0.0 Syntax: "),
+)
 # RFC 3463 codes for aiosmtpd's other error replies, by reply code.
 _DEFAULT_ENHANCED = {
     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
@@ -121,6 +146,9 @@ def enhance_reply(reply: str) -> str:
     """
     if reply in _REWRITES:
         return _REWRITES[reply]
+    for prefix, replacement in _PREFIX_REWRITES:
+        if reply.startswith(prefix):
+            return replacement + reply[len(prefix):]
     code = reply[:3]
     if len(reply) < 4 or reply[3] != " " or code[0] not in "45" or _HAS_ENHANCED.match(reply):
         return reply
@@ -200,6 +228,9 @@ class SubmissionSMTP(SMTP):
         self._door = handler
         self._deadline: asyncio.TimerHandle | None = None
         self._is_counted = True
+        #: The API key this session authenticated with, kept (in memory only, never logged) so
+        #: that each MAIL can check it was not revoked since (`SubmissionHandler._recheck_key`).
+        self.auth_secret: str | None = None
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self))
@@ -221,9 +252,18 @@ class SubmissionSMTP(SMTP):
         super().connection_lost(error)
 
     def _end_session(self) -> None:
+        self._close_with(b"421 4.4.2 Session time limit exceeded, closing\r\n")
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's idle timer (`timeout=`) closes the connection without a word; RFC 5321
+        # §4.5.3.2 lets a server close after a timeout, and a 421 tells the client why. If a
+        # later aiosmtpd renames this callback, its own silent close still happens.
+        self._close_with(b"421 4.4.2 Idle timeout exceeded, closing\r\n")
+
+    def _close_with(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(b"421 4.4.2 Session time limit exceeded, closing\r\n")
+            self.transport.write(reply)
             self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
@@ -393,6 +433,8 @@ class SubmissionHandler:
         admission = self._admission(server)
         if principal is not None:
             self.auth_throttle.record_success(admission.client)
+            assert isinstance(server, SubmissionSMTP)
+            server.auth_secret = password.decode("utf-8")
             return AuthResult(success=True, auth_data=principal)
         host = peer_host(server.session.peer if server.session else None)
         if admission.is_trusted:
@@ -420,9 +462,41 @@ class SubmissionHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         # aiosmtpd hands a null reverse-path over as the literal "<>".
+        if address != "<>" and not is_valid_mailbox(address):
+            return "553 5.1.7 Bad sender address syntax"
+        if session.authenticated:
+            refusal = await self._recheck_key(server, session)
+            if refusal is not None:
+                return refusal
         envelope.mail_from = "" if address == "<>" else address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
+
+    async def _recheck_key(self, server: SMTP, session: Session) -> str | None:
+        """Look the session's key up again (one indexed read); a refusal if it was revoked.
+
+        AUTH happened once, but a session may last long and send many transactions: a key
+        revoked meanwhile stops at the next MAIL. The reply is `530 5.7.0` ("authentication
+        required", RFC 4954 §6: for commands other than AUTH when no authentication is in
+        force), not `535 5.7.8`, which answers the AUTH command itself. The session becomes
+        unauthenticated, so the client may AUTH again with another key; it is refused even on
+        a trusted network, since it meant to send under that key (its domains, its test mode).
+        """
+        assert isinstance(server, SubmissionSMTP)
+        secret = server.auth_secret
+        try:
+            principal = await self._spool.authenticate(secret) if secret is not None else None
+        except SpoolClosed:
+            return "451 4.3.2 Service shutting down, try again later"
+        if principal is not None:
+            return None
+        revoked = session.auth_data.key_id if isinstance(session.auth_data, Principal) else "-"
+        logger.info("refused MAIL: API key %s was revoked during the session, client=%s",
+                    revoked, peer_host(session.peer))
+        session.authenticated = False
+        session.auth_data = None
+        server.auth_secret = None
+        return "530 5.7.0 Authentication required: the API key is no longer valid"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -430,9 +504,8 @@ class SubmissionHandler:
         if not session.authenticated and not self._admission(server).is_trusted:
             # SubmissionSMTP.smtp_RCPT refused already; kept so the rule holds on its own.
             return "530 5.7.0 Authentication required"
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return "501 5.1.3 Bad recipient address syntax"
+        if not is_valid_mailbox(address):
+            return "553 5.1.3 Bad recipient address syntax"
         if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -491,14 +564,15 @@ class SubmissionHandler:
         except Exception:  # answered here, so that aiosmtpd resets the transaction
             logger.exception("accepting a message from %s failed", host)
             return "451 4.3.0 Internal error, try again later"
+        # What only the session knows (Postfix smtpd's `client=` line); intake logs the
+        # `from=<…> to=<…> status=…` line of each recipient for both doors.
         logger.info(
-            "%s: from=<%s> size=%d nrcpt=%d client=%s auth=%s",
+            "%s: client=%s auth=%s size=%d nrcpt=%d",
             accepted.id,
-            submission.mail_from,
-            len(content),
-            len(submission.recipients),
             host,
             principal.key_id if principal else "-",
+            len(content),
+            len(submission.recipients),
         )
         return f"250 2.0.0 Ok: queued as {accepted.id}"
 

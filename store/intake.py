@@ -2,8 +2,8 @@
 
 Owns every rule that must hold for each message whatever door it came through: line endings
 normalised to CRLF once (so the bytes signed later are the bytes sent), size and recipient limits,
-the sender domains a key is restricted to (envelope sender and From: header alike), the message
-stored once with its tags, metadata and schedule, one delivery unit per recipient, an
+the sender domains a key is restricted to (envelope sender, From: and Sender: alike), the
+message stored once with its tags, metadata and schedule, one delivery unit per recipient, an
 `email.queued` (or `email.scheduled`) event per recipient and the idempotency key's row — all in
 one writer job, so the caller's `250`/`202` follows the commit that holds them. A batch is a few
 large writer jobs, each message inside its own savepoint.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,8 @@ from store.records import (
 from store.sql import Q
 from store.writer import Writer
 
+logger = logging.getLogger(__name__)
+
 #: Messages per writer job in a batch: large enough to make commits cheap, small enough that
 #: other writers (delivery results, single sends) get a turn between the jobs.
 BATCH_JOB_SIZE = 1000
@@ -66,6 +69,8 @@ class IntakeLimits:
     sealer: Sealer = field(default_factory=Sealer)
     #: Refuse mail whose From: domain was not added as a sending domain (`policy` settings).
     require_configured_domain: bool = False
+    #: `retention.store_content`: false drops the body of a message final at intake at once.
+    store_content: bool = True
 
 
 # IDNA encoding costs tens of microseconds and the same few domains come again and again (a
@@ -93,30 +98,49 @@ def _sender_domain(address: str) -> str:
         return domain.lower()
 
 
+def _header_addresses(headers: EmailHeaders, name: str) -> list[str]:
+    """The addr-specs of every `name:` field (a repeated field counts each time); [] if none.
+
+    An address that does not parse comes back as it was written, so that it names no allowed
+    domain instead of being skipped.
+    """
+    found: list[str] = []
+    for value in headers.get_all(name) or ():
+        try:
+            addresses = tuple(getattr(value, "addresses", ()))
+        except Exception:  # noqa: BLE001 - an unparsable field names no allowed domain
+            found.append(str(value))
+            continue
+        found.extend(a.addr_spec for a in addresses)
+    return found
+
+
 def check_sender(submission: Submission, headers: EmailHeaders) -> None:
-    """A key restricted to sender domains may use only those: envelope sender and From: alike."""
+    """A key restricted to sender domains may use only those: MAIL FROM, From: and Sender:.
+
+    Every From: and Sender: field counts, not only the first: a second field is what a receiver
+    may display (RFC 5322 §3.6 allows one of each, and a forger sends two).
+    """
     principal = submission.principal
     if principal is None or not principal.sender_domains:
         return
     domains = []
     if submission.mail_from:
-        domains.append(_sender_domain(submission.mail_from))
-    try:
-        addresses = tuple(getattr(headers["From"], "addresses", ()))
-    except Exception:  # noqa: BLE001 - an unparsable From: names no allowed domain
-        addresses = ()
-    if not addresses:
+        domains.append((_sender_domain(submission.mail_from), "from"))
+    authors = _header_addresses(headers, "From")
+    if not authors:
         raise PolicyRejected(
             "sender_not_allowed", "this API key requires a From: address in its domains", "from"
         )
-    domains.extend(_sender_domain(a.addr_spec) for a in addresses)
-    for domain in domains:
+    domains.extend((_sender_domain(a), "from") for a in authors)
+    domains.extend((_sender_domain(a), "sender") for a in _header_addresses(headers, "Sender"))
+    for domain, field_name in domains:
         if not principal.may_send_from(domain):
             raise PolicyRejected(
                 "sender_not_allowed",
                 f"this API key may not send from {domain}; allowed: "
                 + ", ".join(principal.sender_domains),
-                "from",
+                field_name,
             )
 
 
@@ -231,12 +255,26 @@ def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
         from_domains=(
             tuple(from_domains(headers)) if limits.require_configured_domain else None
         ),
+        store_content=limits.store_content,
     )
+
+
+def _log_accepted(job: _AcceptJob, stored: _Stored) -> None:
+    """One line per recipient, after the commit (Postfix style: queue id first)."""
+    sub = job.submission
+    for (email, _), status in zip(job.units, stored.statuses, strict=True):
+        logger.info(
+            "%s: from=<%s> to=<%s> source=%s status=%s",
+            stored.accepted.id, sub.mail_from, email, sub.source.value, status.value,
+        )
 
 
 async def accept(writer: Writer, submission: Submission, limits: IntakeLimits) -> Accepted:
     """Check, store and commit one message; return only after the commit (then ack it)."""
-    return await writer.run(_job(submission, limits))
+    job = _job(submission, limits)
+    stored = await writer.run(job)
+    _log_accepted(job, stored)
+    return stored.accepted
 
 
 async def accept_many(
@@ -266,8 +304,12 @@ async def accept_many(
             for index, _ in chunk:
                 results[index] = outcome
             continue
-        for (index, _), result in zip(chunk, outcome, strict=True):
-            results[index] = result
+        for (index, job), result in zip(chunk, outcome, strict=True):
+            if isinstance(result, _Stored):
+                _log_accepted(job, result)
+                results[index] = result.accepted
+            else:
+                results[index] = result
     return [r if r is not None else StoreError() for r in results]
 
 
@@ -279,13 +321,21 @@ def _reason(value: str) -> SuppressionReason:
 
 
 @dataclass(frozen=True, slots=True)
+class _Stored:
+    """What an accept job stored: the answer, and each unit's status (for the log lines)."""
+
+    accepted: Accepted
+    statuses: tuple[RecipientStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _BatchJob:
     """Many accept jobs in one writer job; each message in its own savepoint, refused alone."""
 
     jobs: tuple[_AcceptJob, ...]
 
-    def __call__(self, conn: sqlite3.Connection) -> list[Accepted | StoreError]:
-        results: list[Accepted | StoreError] = []
+    def __call__(self, conn: sqlite3.Connection) -> list[_Stored | StoreError]:
+        results: list[_Stored | StoreError] = []
         for job in self.jobs:
             conn.execute("SAVEPOINT message")
             try:
@@ -311,8 +361,9 @@ class _AcceptJob:
     idempotency_ttl: float
     #: Set when the sending-domain policy applies: the From: domains to check.
     from_domains: tuple[str, ...] | None = None
+    store_content: bool = True
 
-    def __call__(self, conn: sqlite3.Connection) -> Accepted:
+    def __call__(self, conn: sqlite3.Connection) -> _Stored:
         now = time.time()
         sub = self.submission
         if self.from_domains is not None:
@@ -385,6 +436,10 @@ class _AcceptJob:
             ),
             now,
         )
+        if not self.store_content and all(s.is_final for s in statuses):
+            # Every recipient suppressed: final already, so `store_content = false` drops the
+            # body in this transaction, as record_outcomes does for the last outcome.
+            conn.execute(Q["remove_content_if_finished"], {"seq": seq, "now": now})
         accepted = Accepted(id=self.id, created_at=now, status=derive_message_status(statuses))
         if sub.idempotency is not None:
             idempotency.record(
@@ -394,4 +449,4 @@ class _AcceptJob:
                 accepted,
                 self.idempotency_ttl,
             )
-        return accepted
+        return _Stored(accepted, tuple(statuses))

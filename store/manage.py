@@ -12,6 +12,7 @@ import sqlite3
 
 import aiosqlite
 
+from store import queue
 from store.errors import NotFound
 from store.events import append_events
 from store.intake import attribute_data
@@ -129,9 +130,22 @@ def _change(
     return MessageChange(message=after, units=tuple(units))
 
 
-def cancel_job(conn: sqlite3.Connection, message_id: str, now: float) -> MessageChange:
-    """Cancel every unit not delivered and not in flight, each with an `email.cancelled` event."""
-    return _change(conn, message_id, "cancel_units", {}, EventType.EMAIL_CANCELLED, {}, now)
+def cancel_job(
+    conn: sqlite3.Connection, message_id: str, now: float, *, store_content: bool = True
+) -> MessageChange:
+    """Cancel every unit not delivered and not in flight, each with an `email.cancelled` event.
+
+    With `store_content` false, a message left with no pending unit loses its body at once.
+    """
+    change = _change(conn, message_id, "cancel_units", {}, EventType.EMAIL_CANCELLED, {}, now)
+    if change.changed and not store_content:
+        queue.remove_contents_if_finished(conn, [change.message.seq], now)
+    return change
+
+
+def cancelled_units(change: MessageChange) -> list[tuple[str, str]]:
+    """The (message id, recipient) of each unit a cancel made `cancelled`."""
+    return [(change.message.id, u.email) for u in change.units if u.action is UnitAction.CANCELLED]
 
 
 def reschedule_job(

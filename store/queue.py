@@ -10,8 +10,10 @@ batches, one short writer job each, so intake and delivery keep their turns whil
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import aiosqlite
 
@@ -31,6 +33,8 @@ from store.records import (
     tags_from_json,
 )
 from store.sql import Q
+
+logger = logging.getLogger(__name__)
 
 #: Upper bounds of the age buckets, in minutes (qshape's defaults); the last bucket is open.
 AGE_EDGES_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -72,12 +76,39 @@ def retry_job(
     return conn.execute(Q["retry_all"], {"now": now, "limit": limit}).rowcount
 
 
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """What a cancel job did, with the (message id, recipient) of each unit it cancelled."""
+
+    result: CancelResult
+    units: tuple[tuple[str, str], ...]
+
+
+def log_cancelled(units: Iterable[tuple[str, str]]) -> None:
+    """One line per cancelled unit (message id, recipient), once the cancel committed."""
+    for message_id, email in units:
+        logger.info("%s: to=<%s> status=cancelled", message_id, email)
+
+
+def remove_contents_if_finished(conn: sqlite3.Connection, seqs: Iterable[int], now: float) -> None:
+    """`store_content = false`: drop the bodies of these messages that became final."""
+    for seq in seqs:
+        conn.execute(Q["remove_content_if_finished"], {"seq": seq, "now": now})
+
+
 def cancel_job(
-    conn: sqlite3.Connection, message_id: str | None, domain: str | None, limit: int, now: float
-) -> CancelResult:
+    conn: sqlite3.Connection,
+    message_id: str | None,
+    domain: str | None,
+    limit: int,
+    now: float,
+    *,
+    store_content: bool = True,
+) -> Cancelled:
     """Cancel units not delivered and not in flight (one message, or up to `limit` of a domain).
 
-    Each cancelled unit gets its `email.cancelled` event in the same transaction.
+    Each cancelled unit gets its `email.cancelled` event in the same transaction, and with
+    `store_content` false a message left with no pending unit loses its body in it too.
     """
     if message_id is not None:
         seq = message_seq(conn, message_id)
@@ -90,11 +121,16 @@ def cancel_job(
         in_flight = conn.execute(Q["in_flight_of_domain"], {"domain": domain}).fetchone()[0]
     else:
         raise ValueError("cancel needs a message id or a domain")
+    units: tuple[tuple[str, str], ...] = ()
     if rows:
-        seqs = json.dumps(sorted({r["message_seq"] for r in rows}))
+        touched = sorted({r["message_seq"] for r in rows})
+        seqs = json.dumps(touched)
         messages = {r["seq"]: r for r in conn.execute(Q["message_attributes"], {"seqs": seqs})}
         append_events(conn, _cancel_events(rows, messages), now)
-    return CancelResult(cancelled=len(rows), in_flight=int(in_flight))
+        if not store_content:
+            remove_contents_if_finished(conn, touched, now)
+        units = tuple((messages[r["message_seq"]]["id"], r["email"]) for r in rows)
+    return Cancelled(CancelResult(cancelled=len(rows), in_flight=int(in_flight)), units)
 
 
 def _cancel_events(

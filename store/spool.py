@@ -130,6 +130,7 @@ class Spool:
             idempotency_ttl=settings.api.idempotency_ttl,
             sealer=Sealer.from_settings(settings),
             require_configured_domain=not settings.policy.allow_unconfigured_domains,
+            store_content=settings.retention.store_content,
         )
         self._in_flight = idempotency.InFlight()
         secret = settings.api.key_hash_secret
@@ -766,12 +767,16 @@ class Spool:
         (up to `limit` units: call again until fewer are cancelled). Units in flight are counted,
         not touched: their attempt decides them.
         """
-        result = await self._writer.run(
-            lambda conn: queue.cancel_job(conn, message_id, domain, limit, time.time())
+        store_content = self._store_content
+        done = await self._writer.run(
+            lambda conn: queue.cancel_job(
+                conn, message_id, domain, limit, time.time(), store_content=store_content
+            )
         )
-        if result.cancelled:
+        queue.log_cancelled(done.units)
+        if done.result.cancelled:
             self.notify_events()
-        return result
+        return done.result
 
     async def purge(
         self,
@@ -855,9 +860,13 @@ class Spool:
 
     async def cancel_message(self, message_id: str) -> MessageChange:
         """Cancel what is not delivered and not in flight; NotFound for an unknown id."""
+        store_content = self._store_content
         change = await self._writer.run(
-            lambda conn: manage.cancel_job(conn, message_id, time.time())
+            lambda conn: manage.cancel_job(
+                conn, message_id, time.time(), store_content=store_content
+            )
         )
+        queue.log_cancelled(manage.cancelled_units(change))
         if change.changed:
             self.notify_events()
         return change

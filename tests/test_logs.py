@@ -13,6 +13,8 @@ import pytest
 from config import Settings
 from relay import logs
 from relay.logs import JsonFormatter, TextFormatter, is_journal
+from store import NewSuppression
+from tests.support import RawSmtp
 
 
 def record(level: int = logging.INFO, message: str = "msg_1: to=<%s> status=%s",
@@ -65,3 +67,58 @@ def test_configure_writes_json_and_keeps_chatty_loggers_at_their_floor():
         root.removeHandler(logs._handler)  # type: ignore[arg-type]
         logs._handler = None
         root.setLevel(level)
+
+
+# -- one line per recipient transition, whatever door (a real Postroom) ----------------------------
+
+
+def lines_of(caplog: pytest.LogCaptureFixture, message_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(message_id + ":")]
+
+
+async def test_acceptance_and_cancel_log_one_line_per_recipient(
+    start, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    postroom = await start(smtp={"trusted_networks": ["127.0.0.0/8"]})
+    await postroom.spool.add_suppressions([NewSuppression("gone@example.test")])
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        r = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": ["user@example.test", "gone@example.test"],
+            "subject": "hi", "text": "Body-Marker-91c2",
+        })
+        assert r.status_code == 202, r.text
+        api_id = r.json()["id"]
+        r = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": "later@example.test", "subject": "later",
+            "text": "x", "scheduled_at": "2030-01-31T09:00:00Z",
+        })
+        scheduled_id = r.json()["id"]
+        assert (await http.delete(f"/v1/messages/{scheduled_id}")).status_code == 200
+    async with await RawSmtp.open(postroom.smtp_port) as client:
+        await client.command("EHLO client.test")
+        await client.command("MAIL FROM:<cron@acme.test>")
+        await client.command("RCPT TO:<user@example.test>")
+        await client.command("DATA")
+        reply = await client.command(b"Subject: s\r\n\r\nx\r\n.")
+        smtp_id = reply.rsplit(" ", 1)[1]
+
+    api_lines = lines_of(caplog, api_id)
+    assert f"{api_id}: from=<app@acme.test> to=<user@example.test> source=api status=queued" \
+        in api_lines
+    assert f"{api_id}: from=<app@acme.test> to=<gone@example.test> source=api status=suppressed" \
+        in api_lines
+    assert lines_of(caplog, scheduled_id)[:2] == [
+        f"{scheduled_id}: from=<app@acme.test> to=<later@example.test> source=api "
+        "status=scheduled",
+        f"{scheduled_id}: to=<later@example.test> status=cancelled",
+    ]
+    # SMTP: the session's line and the recipient's line, each once.
+    smtp_lines = lines_of(caplog, smtp_id)
+    assert smtp_lines.count(
+        f"{smtp_id}: from=<cron@acme.test> to=<user@example.test> source=smtp status=queued"
+    ) == 1
+    assert [line for line in smtp_lines if "client=127.0.0.1 auth=-" in line] != []
+    assert len([line for line in smtp_lines if "from=<" in line]) == 1
+    assert key not in caplog.text and "Body-Marker-91c2" not in caplog.text

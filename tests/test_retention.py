@@ -8,7 +8,7 @@ from typing import Any
 
 from config import Settings
 from relay.retention import DAY, RetentionSweeper, policy_at
-from store import EventFilter, MessageStatus, Source, Submission
+from store import EventFilter, MessageStatus, NewSuppression, Source, Submission
 from tests.conftest import Running
 from tests.support import MxSink, wait_until
 
@@ -80,3 +80,27 @@ async def test_store_content_false_drops_the_body_once_final(start: Any, mx_sink
     assert bodies(running)[message_id] == b""
     [received] = mx_sink.messages
     assert b"the secret body" in received.data
+
+
+async def test_store_content_false_drops_the_body_when_final_at_intake_or_cancelled(start: Any):
+    running: Running = await start(retention={"store_content": False})
+    spool = running.spool
+    await spool.add_suppressions([NewSuppression("gone@example.test")])
+    suppressed = await submit(running, "gone@example.test")
+    assert (await spool.get_message(suppressed)).status is MessageStatus.SUPPRESSED
+    later = time.time() + 3600
+
+    async def scheduled(to: str) -> str:
+        accepted = await spool.accept(
+            Submission("app@acme.test", (to,), CONTENT, Source.API, scheduled_at=later)
+        )
+        return accepted.id
+
+    by_api, by_id, by_domain = [await scheduled(f"{n}@{n}.test") for n in ("a", "b", "c")]
+    kept = await scheduled("d@d.test")
+    await spool.cancel_message(by_api)
+    await spool.cancel(message_id=by_id)
+    assert (await spool.cancel(domain="c.test")).cancelled == 1
+    stored = bodies(running)
+    assert [stored[m] for m in (suppressed, by_api, by_id, by_domain)] == [b""] * 4
+    assert b"the secret body" in stored[kept]  # not final: its body stays

@@ -145,3 +145,16 @@ async def test_bare_lf_line_endings_are_normalised_to_crlf(start, mx_sink: MxSin
     assert received.data.endswith(b"\r\n\r\nline one\r\nline two\r\nthree\r\n")
     assert b"\n" not in received.data.replace(b"\r\n", b"")
     assert b"\r" not in received.data.replace(b"\r\n", b"")
+
+
+async def test_vrfy_and_help_answer_with_enhanced_codes(postroom: Running):
+    def converse() -> list[tuple[int, bytes]]:
+        with smtp_session(postroom.smtp_port) as client:
+            return [client.verify("user@example.test"), client.docmd("HELP"),
+                    client.docmd("HELP MAIL")]
+
+    vrfy, help_all, help_mail = await asyncio.to_thread(converse)
+    assert (vrfy[0], vrfy[1][:6]) == (252, b"2.0.0 ")
+    assert help_all[0] == 214 and help_all[1].startswith(b"2.0.0 Supported commands: ")
+    assert b"MAIL" in help_all[1]
+    assert (help_mail[0], help_mail[1][:14]) == (214, b"2.0.0 Syntax: ")

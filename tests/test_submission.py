@@ -207,3 +207,69 @@ async def test_a_failure_inside_postroom_is_451_and_the_session_goes_on(
 async def test_implicit_tls_without_a_certificate_stops_start_up(start):
     with pytest.raises(StartupError, match="tls_listen needs a certificate"):
         await start(smtp={"tls_listen": ["127.0.0.1:0"], "tls_cert": None, "tls_key": None})
+
+
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        (b"MAIL FROM:<app\xff@acme.test>", "553 5.1.7"),
+        (b"MAIL FROM:<app@acme\xc3(.test>", "553 5.1.7"),
+        (b"MAIL FROM:<no-domain>", "553 5.1.7"),
+        (b"RCPT TO:<user\xfe@example.test>", "553 5.1.3"),
+        (b"RCPT TO:<user@\xed\xa0\x80.test>", "553 5.1.3"),  # an encoded surrogate: not UTF-8
+    ],
+    ids=["mail-invalid-byte", "mail-truncated-sequence", "mail-no-domain", "rcpt-invalid-byte",
+         "rcpt-surrogate"],
+)
+async def test_addresses_that_are_not_utf8_are_refused_for_good_at_once(
+    start, mx_sink: MxSink, caplog: pytest.LogCaptureFixture, command: bytes, refusal: str
+):
+    postroom = await start(smtp={"trusted_networks": ["127.0.0.0/8"]})
+    async with await RawSmtp.open(postroom.smtp_port) as client:
+        await client.command("EHLO client.test")
+        if command.startswith(b"RCPT"):
+            assert (await client.command("MAIL FROM:<cron@acme.test>")).startswith("250")
+        assert (await client.command(command)).startswith(refusal)
+        # Nothing of the refused address is kept: the transaction goes on without it.
+        if command.startswith(b"MAIL"):
+            assert (await client.command("MAIL FROM:<cron@acme.test>")).startswith("250")
+        assert (await client.command("RCPT TO:<user@example.test>")).startswith("250")
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(MESSAGE + b".")).startswith("250 2.0.0 Ok: queued as")
+    [received] = await mx_sink.wait_for_messages(1)
+    assert (received.mail_from, received.rcpt_tos) == ("cron@acme.test", ["user@example.test"])
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_key_revoked_during_a_session_stops_at_the_next_mail(
+    postroom: Running, mx_sink: MxSink, client_tls
+):
+    new = await postroom.spool.create_key("soon revoked", Scope.SEND)
+    async with await RawSmtp.open(postroom.smtp_port) as client:
+        await client.command("EHLO client.test")
+        await client.command("STARTTLS")
+        await client.start_tls(client_tls)
+        await client.command("EHLO client.test")
+        assert (await client.command(f"AUTH PLAIN {plain(new.secret)}")).startswith("235")
+
+        async def send() -> str:
+            reply = await client.command("MAIL FROM:<app@acme.test>")
+            if not reply.startswith("250"):
+                return reply
+            await client.command("RCPT TO:<user@example.test>")
+            await client.command("DATA")
+            return await client.command(MESSAGE + b".")
+
+        assert (await send()).startswith("250 2.0.0 Ok: queued as msg_")
+        await postroom.spool.revoke_key(new.key.id)
+        assert (await send()).startswith("530 5.7.0")
+        # The session is no longer authenticated: relaying is refused, nothing more spooled.
+        await client.command("MAIL FROM:<app@acme.test>")
+        assert (await client.command("RCPT TO:<user@example.test>")).startswith("530 5.7.0")
+        # Another key may take over in the same session.
+        key = await postroom.new_key(Scope.SEND)
+        assert (await client.command(f"AUTH PLAIN {plain(key)}")).startswith("235")
+        await client.command("RSET")
+        assert (await send()).startswith("250 2.0.0 Ok: queued as msg_")
+    assert len(await postroom.spool.list_messages()) == 2
+    await mx_sink.wait_for_messages(2)

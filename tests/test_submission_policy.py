@@ -11,6 +11,7 @@ import ssl
 import pytest
 
 from relay.submission import enhance_reply, is_trusted, parse_networks
+from store import Scope
 from tests.conftest import Running
 from tests.support import MxSink, RawSmtp, wait_until
 
@@ -203,6 +204,7 @@ async def test_trusted_networks_skip_the_per_ip_limit(start):
 async def test_idle_and_total_session_timeouts(start):
     postroom = await start(smtp={"timeout": "0.3s", "session_timeout": "60s"})
     async with await RawSmtp.open(postroom.smtp_port) as client:
+        assert (await client.reply(timeout=10)).startswith("421 4.4.2 Idle timeout")
         assert await client.is_closed_by_server()
 
     postroom = await start(smtp={"timeout": "60s", "session_timeout": "0.5s"})
@@ -226,6 +228,10 @@ async def test_idle_and_total_session_timeouts(start):
         ("250 OK", "250 2.0.0 Ok"),
         ("250-SIZE 1000", "250-SIZE 1000"),
         ("250 HELP", "250 HELP"),
+        ("252 Cannot VRFY user, but will accept message and attempt delivery",
+         "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
+        ("250 Supported commands: AUTH DATA", "214 2.0.0 Supported commands: AUTH DATA"),
+        ("250 Syntax: MAIL FROM: <address>", "214 2.0.0 Syntax: MAIL FROM: <address>"),
         ("220 postroom.test Postroom ESMTP", "220 postroom.test Postroom ESMTP"),
         ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
     ],
@@ -324,3 +330,51 @@ async def test_message_id_and_date_are_added_only_when_missing(start, mx_sink: M
     assert bare_head.count(b"\r\nDate: ") == 1
     own_head = own.data.split(b"\r\n\r\n", 1)[0]
     assert own_head.count(b"Message-ID:") == 1 and own_head.count(b"Date:") == 1
+
+
+# -- sender authorisation -------------------------------------------------------------------------
+
+
+async def authenticated(port: int, tls: ssl.SSLContext, key: str) -> RawSmtp:
+    """A session after STARTTLS and AUTH PLAIN with `key` (close it)."""
+    client = await RawSmtp.open(port)
+    await client.command("EHLO client.test")
+    await client.command("STARTTLS")
+    await client.start_tls(tls)
+    await client.command("EHLO client.test")
+    plain = base64.b64encode(f"\0anyone\0{key}".encode()).decode()
+    assert (await client.command(f"AUTH PLAIN {plain}")).startswith("235 2.7.0")
+    return client
+
+
+async def send_headers(client: RawSmtp, headers: bytes) -> str:
+    """One transaction from app@acme.test whose message has `headers`; the reply to its end."""
+    assert (await client.command("MAIL FROM:<app@acme.test>")).startswith("250")
+    assert (await client.command("RCPT TO:<user@example.test>")).startswith("250")
+    assert (await client.command("DATA")).startswith("354")
+    return await client.command(headers + b"Subject: s\r\n\r\nbody\r\n.")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b"From: app@acme.test\r\nSender: ceo@other.test\r\n",
+        b"From: app@acme.test\r\nSender: Boss <ceo@Other.Test>\r\n",
+        b"From: app@acme.test\r\nSender: ops@acme.test\r\nSender: ceo@other.test\r\n",
+        b"From: app@acme.test\r\nFrom: ceo@other.test\r\n",
+    ],
+    ids=["sender", "sender-display-name", "second-sender", "second-from"],
+)
+async def test_sender_header_outside_the_keys_domains_is_refused(
+    postroom: Running, client_tls, forged: bytes
+):
+    new = await postroom.spool.create_key("acme only", Scope.SEND, ["acme.test"])
+    client = await authenticated(postroom.smtp_port, client_tls, new.secret)
+    async with client:
+        reply = await send_headers(client, forged)
+        assert reply.startswith("550 5.7.1 this API key may not send from other.test"), reply
+        assert await postroom.spool.list_messages() == []
+        # The session goes on: a Sender: inside the key's domains is fine.
+        reply = await send_headers(client, b"From: app@acme.test\r\nSender: ops@acme.test\r\n")
+        assert reply.startswith("250 2.0.0 Ok: queued as msg_"), reply
+    assert len(await postroom.spool.list_messages()) == 1
