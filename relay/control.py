@@ -76,10 +76,14 @@ def fingerprint(mail_from: str, recipients: Sequence[str], content: bytes) -> by
     return digest.digest()
 
 
-def idempotency_key(controls: Controls, fingerprint: bytes) -> IdempotencyKey | None:
+def idempotency_key(
+    controls: Controls, mail_from: str, recipients: Sequence[str], content: bytes
+) -> IdempotencyKey | None:
+    """The message's idempotency key, if it named one; the fingerprint is computed only then
+    (hashing a whole message that carries no key would be work for nothing)."""
     if controls.idempotency_key is None:
         return None
-    return IdempotencyKey(controls.idempotency_key, fingerprint)
+    return IdempotencyKey(controls.idempotency_key, fingerprint(mail_from, recipients, content))
 
 
 def _fields(head: bytes) -> list[bytes]:

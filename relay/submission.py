@@ -29,7 +29,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from config import Settings
-from relay.control import ControlError, fingerprint, idempotency_key, read_controls
+from relay.control import ControlError, idempotency_key, read_controls
 from relay.throttle import AuthThrottle, Clock, SessionLimits, client_key
 from relay.trace import SessionFacts, is_valid_helo, stamp
 from store import (
@@ -521,9 +521,7 @@ class SubmissionHandler:
             original, controls = read_controls(envelope.original_content or b"", time.time())
         except ControlError as exc:
             return f"550 5.6.0 {exc}"
-        key = idempotency_key(
-            controls, fingerprint(envelope.mail_from or "", envelope.rcpt_tos, original)
-        )
+        key = idempotency_key(controls, envelope.mail_from or "", envelope.rcpt_tos, original)
         try:
             async with self._spool.hold_idempotency_keys(principal, [key]) as [verdict]:
                 if isinstance(verdict, Accepted):
