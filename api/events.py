@@ -2,7 +2,8 @@
 
 Both read the spool in short queries (one page each, driven by an index) and hold no read
 transaction between pages, so a long-lived stream never keeps the WAL from being checkpointed
-(STYLE.md gotcha 17). The stream wakes when a commit appends events and polls otherwise.
+(STYLE.md gotcha 17). The stream wakes when a commit appends events and polls otherwise, and
+looks its API key up again at most once a poll interval: a revoked key ends the stream.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def parse_cursor(value: str | None, field: str) -> int | None:
 def parse_limit(value: str | None, default: int = 50) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LIMIT:
         raise ValidationFailed(details=[Detail("limit", f"an integer from 1 to {MAX_LIMIT}")])
     return int(value)
 
@@ -81,6 +83,8 @@ async def stream_events(request: Request) -> StreamingResponse:
     """SSE: `id:` is the event id; reconnecting with `Last-Event-ID` resumes after it."""
     state: AppState = request.app.state.postroom
     await authenticate(request, state.spool, Scope.FULL)
+    # authenticate() accepted the header's Bearer secret; the stream checks that same secret again.
+    secret = request.headers["authorization"].partition(" ")[2].strip()
     where = parse_filter(request.query_params)
     resume = parse_cursor(request.headers.get("last-event-id"), "Last-Event-ID")
     if resume is None:
@@ -91,8 +95,13 @@ async def stream_events(request: Request) -> StreamingResponse:
     async def frames() -> AsyncIterator[bytes]:
         cursor = start
         yield b"retry: 2000\n\n"
-        quiet_since = time.monotonic()
+        quiet_since = checked_at = time.monotonic()
         while not state.readiness.is_stopping:
+            # One indexed key lookup a poll interval (not the rate limit: that is per request).
+            if time.monotonic() - checked_at >= cfg.stream_poll_interval:
+                if await state.spool.authenticate(secret) is None:
+                    return  # revoked: the client's reconnect is answered 401
+                checked_at = time.monotonic()
             events = await state.spool.list_events(where, cursor, _STREAM_PAGE)
             for event in events:
                 data = json.dumps(EventItemOut.of(event).model_dump(mode="json"))

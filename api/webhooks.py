@@ -28,6 +28,18 @@ from store import NewWebhook, Scope, WebhookChange
 
 M = TypeVar("M", bound=BaseModel)
 _MAX_BODY = 64 * 1024
+#: SQLite integers are signed 64-bit: a larger number would fail in the query, not here.
+_MAX_INT = 2**63 - 1
+
+
+def parse_id_param(value: str | None, field: str) -> int | None:
+    """A non-negative integer query parameter no larger than SQLite stores, or None if absent."""
+    if value is None or value == "":
+        return None
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (value.isascii() and value.isdigit()) or int(value) > _MAX_INT:
+        raise ValidationFailed(details=[Detail(field, f"an integer from 0 to {_MAX_INT}")])
+    return int(value)
 
 
 async def _state(request: Request) -> AppState:
@@ -131,12 +143,8 @@ async def test_webhook(request: Request) -> JSONResponse:
 async def list_deliveries(request: Request) -> JSONResponse:
     state = await _state(request)
     limit = parse_limit(request.query_params.get("limit"))
-    before = request.query_params.get("before")
-    if before is not None and not before.isdigit():
-        raise ValidationFailed(details=[Detail("before", "an attempt number")])
-    attempts = await state.spool.list_webhook_attempts(
-        request.path_params["id"], int(before) if before else None, limit
-    )
+    before = parse_id_param(request.query_params.get("before"), "before")
+    attempts = await state.spool.list_webhook_attempts(request.path_params["id"], before, limit)
     return JSONResponse(
         {
             "data": [AttemptOut.of(a).model_dump() for a in attempts],

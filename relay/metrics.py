@@ -2,9 +2,10 @@
 
 Owns the metric definitions (prometheus_client), the spool observer that feeds them (commits on
 the writer's thread, acceptances, recorded outcomes), the SMTP session counters the session
-tracker calls, and `render()` for `GET /metrics`: the queue gauges come from one short spool read,
-cached for `QUEUE_CACHE` seconds so scrapes stay cheap however often they come. A per-service
-`CollectorRegistry` (not the library's global one) lets several services share a process (tests).
+tracker calls, the webhook counters the dispatcher calls, and `render()` for `GET /metrics`: the
+queue and webhook backlog gauges come from short spool reads, cached for `QUEUE_CACHE` seconds
+so scrapes stay cheap however often they come. A per-service `CollectorRegistry` (not the
+library's global one) lets several services share a process (tests).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from store import (
     Accepted,
+    AttemptResult,
     DeliveryJob,
+    OutboxStatus,
     Outcome,
     QueueSummary,
     RecipientStatus,
     Source,
     StoreError,
     Submission,
+    WebhookOutcome,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,8 +58,10 @@ class Metrics:
         self,
         queue_summary: Callable[[], Awaitable[QueueSummary]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        webhook_backlog: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self._queue_summary = queue_summary
+        self._webhook_backlog = webhook_backlog
         self._clock = clock
         self._refreshed_at: float | None = None
         self._refresh_lock = asyncio.Lock()
@@ -107,8 +113,25 @@ class Metrics:
             "postroom_spool_commit_failures", "Group commits that failed (each job failed).",
             registry=r,
         )
-        # -- webhooks: the dispatcher's backlog and failure families belong here, named
-        #    postroom_webhook_* and registered on this same registry. --
+        # -- webhooks (the dispatcher; the backlog is refreshed on scrape) --
+        self.webhook_attempts = Counter(
+            "postroom_webhook_attempts", "Outbox deliveries attempted (one POST each).",
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "postroom_webhook_failures",
+            "Outbox delivery attempts without a 2xx answer (status, timeout, connection).",
+            registry=r,
+        )
+        self.webhook_given_up = Counter(
+            "postroom_webhook_given_up",
+            "Outbox rows abandoned: retries spent or the endpoint answered 410 Gone.", registry=r,
+        )
+        self.webhook_backlog = Gauge(
+            "postroom_webhook_backlog",
+            "Outbox rows owed to enabled endpoints: due, waiting for a retry, or in flight.",
+            registry=r,
+        )
 
         # Every labelled family shows all its series from the first scrape, at zero.
         for source in Source:
@@ -146,6 +169,15 @@ class Metrics:
     def smtp_session_closed(self) -> None:
         self.smtp_sessions_active.dec()
 
+    # -- webhook deliveries (relay/webhooks.py) ----------------------------------------------
+
+    def webhook_attempted(self, result: AttemptResult, outcome: WebhookOutcome) -> None:
+        self.webhook_attempts.inc()
+        if not result.is_success:
+            self.webhook_failures.inc()
+        if outcome.status is OutboxStatus.FAILED:
+            self.webhook_given_up.inc()
+
     # -- exposition ---------------------------------------------------------------------------
 
     async def render(self) -> bytes:
@@ -162,10 +194,13 @@ class Metrics:
                 return
             try:
                 summary = await self._queue_summary()
+                backlog = None if self._webhook_backlog is None else await self._webhook_backlog()
             except StoreError as exc:
                 logger.warning("queue metrics not refreshed: %s", exc)
                 return
             self._refreshed_at = now
+        if backlog is not None:
+            self.webhook_backlog.set(backlog)
         for status, units in summary.counts.items():
             self.queue_depth.labels(status.value).set(units)
         oldest = summary.oldest_queued_at

@@ -135,7 +135,7 @@ class Service:
         except StoreError as refused:  # e.g. a wrong or missing encryption key
             raise StartupError(str(refused)) from None
         self.spool = self.readiness.spool = spool
-        metrics = self.metrics = Metrics(spool.queue_summary)
+        metrics = self.metrics = Metrics(spool.queue_summary, webhook_backlog=spool.webhook_backlog)
         spool.observe(metrics)
         sessions = self.sessions = Sessions(metrics)
         self._register_reload_hooks()
@@ -150,6 +150,7 @@ class Service:
             egress.Egress(
                 egress.build_resolver(settings), settings.webhooks.allow_private_networks
             ),
+            metrics=metrics,
         )
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if handle_signals else ()
         try:

@@ -2,7 +2,8 @@
 
 Owns the loop that leases bounded batches of due outbox rows (round-robin over endpoints, at most
 `max_concurrency_per_endpoint` in flight for each, `max_concurrency` in all), one POST per row
-with httpx (no redirects, per-request timeout, the address pinned by `relay/egress.py`), signing
+with httpx (no redirects, one deadline for the whole attempt, at most `MAX_REPLY` bytes of the
+answer read, the address pinned by `relay/egress.py`), signing
 per the Standard Webhooks specification plus `X-Postroom-Signature`, and recording every attempt
 with the row's next state in one spool write. Retry timing and signatures are pure functions
 below. httpx's exceptions never leave this module.
@@ -20,12 +21,15 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from typing import cast
 
 import httpx
 
 from config import Settings
 from relay.egress import Egress, Target
+from relay.metrics import Metrics
 from relay.tasks import drain, first_of
 from store import (
     AttemptResult,
@@ -44,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 TEST_EVENT_TYPE = "webhook.test"
 _USER_AGENT = "Postroom-Webhooks/1"
+#: The most of an endpoint's answer an attempt reads (bytes). The attempt log keeps only the
+#: status code; reading a small answer to its end lets the connection be reused, and a larger
+#: one is cut off by closing the connection, so a huge or endless reply costs no memory.
+MAX_REPLY = 4096
 
 
 # -- pure decisions -------------------------------------------------------------------------------
@@ -110,8 +118,9 @@ def sign(secrets_: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> d
 def event_payload(event: Event) -> bytes:
     """`{"id", "type", "created_at", "data"}` for one event."""
     data: dict[str, object] = {"message_id": event.message_id, "recipient": event.recipient}
+    # `event.data` holds the reply and, for message events, the message's `tags` and
+    # `metadata` (store/intake.py `attribute_data`), so they reach the payload from here.
     data.update(event.data)
-    # Message tags and metadata: add them to `data` here once events carry them.
     body = {
         "id": event.public_id,
         "type": event.type.value,
@@ -134,8 +143,10 @@ class WebhookDispatcher:
         egress: Egress,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self._spool = spool
+        self._metrics = metrics
         self._cfg = settings.webhooks
         self._egress = egress
         self._clock = clock
@@ -246,6 +257,8 @@ class WebhookDispatcher:
             result, attempts, self._cfg.retry_schedule, self._cfg.retry_jitter, self._clock(),
             self._rand,
         )
+        if self._metrics is not None:
+            self._metrics.webhook_attempted(result, outcome)
         try:
             await self._spool.record_webhook_attempt(delivery, result, outcome)
         except StoreError as exc:
@@ -263,8 +276,24 @@ class WebhookDispatcher:
             logger.warning("webhook %s disabled: %s", delivery.endpoint.id, outcome.disable_reason)
 
     async def post(self, endpoint: WebhookEndpoint, msg_id: str, body: bytes) -> AttemptResult:
-        """One signed POST to the endpoint's checked, pinned address; never raises for I/O."""
+        """One signed POST to the endpoint's checked, pinned address; never raises for I/O.
+
+        `webhooks.timeout` bounds the whole attempt (resolving, connecting, sending, the answer):
+        httpx's own timeout applies to each read alone, so a receiver trickling a byte at a time
+        could hold the attempt for ever. Settings keep the lease longer than this deadline, so a
+        row is never claimed again while its attempt still runs.
+        """
         started = time.monotonic()
+        deadline = self._cfg.timeout
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._post(endpoint, msg_id, body, started)
+        except TimeoutError:
+            return AttemptResult(None, time.monotonic() - started, f"timed out after {deadline:g}s")
+
+    async def _post(
+        self, endpoint: WebhookEndpoint, msg_id: str, body: bytes, started: float
+    ) -> AttemptResult:
         target = await self._egress.target(endpoint.url)
         if isinstance(target, UrlRefusal):
             return AttemptResult(None, time.monotonic() - started, f"refused: {target.message}")
@@ -280,10 +309,17 @@ class WebhookDispatcher:
         if target.username is not None:  # user:password@ in the URL: HTTP Basic (RFC 7617)
             pair = f"{target.username}:{target.password or ''}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        client = self._client(target)
+        request = client.build_request(
+            "POST", target.pinned_url, content=body, headers=headers, extensions=dict(extensions)
+        )
         try:
-            response = await self._client(target).post(
-                target.pinned_url, content=body, headers=headers, extensions=dict(extensions)
-            )
+            response = await client.send(request, stream=True)
+            try:
+                await _read_at_most(response, MAX_REPLY)
+            finally:
+                # Unread bytes left: httpcore closes the connection instead of pooling it.
+                await response.aclose()
         except httpx.TimeoutException:
             error = f"timed out after {self._cfg.timeout:g}s"
         except httpx.ConnectError as exc:
@@ -311,3 +347,16 @@ class WebhookDispatcher:
             )
             self._clients[key] = client
         return client
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> int:
+    """Read up to about `limit` bytes of the body as sent (no decompression); return how many."""
+    seen = 0
+    # aiter_raw is an async generator (typed as an iterator): closed here, not by the GC later.
+    raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+    async with aclosing(raw) as chunks:
+        async for chunk in chunks:
+            seen += len(chunk)
+            if seen >= limit:
+                break
+    return seen

@@ -775,3 +775,8 @@ WHERE id = :id;
 
 -- name: delete_template
 DELETE FROM templates WHERE id = :ref OR name = :ref;
+
+-- name: webhook_backlog
+-- Outbox rows owed to enabled endpoints (pending or leased): read from the partial index alone,
+-- so a scrape costs the backlog's size, never the outbox's.
+SELECT count(*) AS rows FROM webhook_outbox WHERE due_at IS NOT NULL;

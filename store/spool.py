@@ -543,6 +543,11 @@ class Spool:
     async def delete_webhook(self, endpoint_id: str) -> None:
         await self._writer.run(lambda conn: webhooks.delete_job(conn, endpoint_id, time.time()))
 
+    async def webhook_backlog(self) -> int:
+        """Outbox rows owed to enabled endpoints (due, retrying or in flight)."""
+        async with self._read() as conn:
+            return await webhooks.count_backlog(conn)
+
     async def has_due_webhooks(self, now: float | None = None) -> bool:
         """Whether any outbox row is due (a cheap read before claiming through the writer)."""
         at = time.time() if now is None else now

@@ -279,3 +279,13 @@ async def list_attempts(
     params = {"seq": endpoint_seq, "before": before, "limit": limit}
     async with conn.execute(Q["webhook_attempts_of_endpoint"], params) as cur:
         return [WebhookAttempt.from_row(r) for r in await cur.fetchall()]
+
+
+async def count_backlog(conn: aiosqlite.Connection) -> int:
+    """Outbox rows still owed to enabled endpoints: due, waiting for a retry, or in flight.
+
+    A disabled endpoint's rows (due_at NULL) wait outside the backlog until it is enabled.
+    """
+    async with conn.execute(Q["webhook_backlog"]) as cur:
+        row = await cur.fetchone()
+    return int(row["rows"]) if row is not None else 0

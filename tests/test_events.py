@@ -166,3 +166,21 @@ async def test_an_open_stream_does_not_hold_up_shutdown(start: Callable[..., Any
         async with asyncio.timeout(5):
             rest = [line async for line in lines]
     assert all(not line.startswith("data:") for line in rest)
+
+
+async def test_a_revoked_key_ends_its_open_stream(start: Callable[..., Any]):
+    postroom: Running = await start(events={"stream_poll_interval": "100ms"})
+    new = await postroom.spool.create_key("streamer", Scope.FULL)
+    async with postroom.http(new.secret) as http:
+        async with http.stream("GET", "/v1/events/stream?type=email.queued") as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            await postroom.spool.accept(submission("before@example.test"))
+            [(_, seen)] = await read_events(lines, 1)
+            assert seen["recipient"] == "before@example.test"
+            await postroom.spool.revoke_key(new.key.id)
+            async with asyncio.timeout(5):  # the stream ends by itself, within a few polls
+                rest = [line async for line in lines]
+        assert all(not line.startswith("data:") for line in rest)
+        # A reconnecting client is refused.
+        assert (await http.get("/v1/events/stream")).status_code == 401

@@ -6,14 +6,18 @@ import asyncio
 import logging
 import smtplib
 import ssl
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from config import Settings
+from relay.egress import Egress, build_resolver
 from relay.metrics import QUEUE_CACHE, Metrics
-from store import QueueSummary, RecipientStatus
+from relay.webhooks import WebhookDispatcher
+from store import QueueSummary, RecipientStatus, Source, Spool, Submission
 from tests.conftest import Running
-from tests.support import MxSink, wait_until
+from tests.support import MxSink, WebhookSink, wait_until
 
 FAMILIES = {
     "postroom_messages_accepted": "counter",
@@ -27,17 +31,28 @@ FAMILIES = {
     "postroom_spool_commit_batch_size": "histogram",
     "postroom_spool_commit_seconds": "histogram",
     "postroom_spool_commit_failures": "counter",
+    "postroom_webhook_attempts": "counter",
+    "postroom_webhook_failures": "counter",
+    "postroom_webhook_given_up": "counter",
+    "postroom_webhook_backlog": "gauge",
 }
 
 
-async def scrape(postroom: Running) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(postroom: Running) -> Samples:
     async with postroom.http() as http:
         response = await http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
+    return parse(response.text)
+
+
+def parse(text: str) -> Samples:
     samples = {}
     families = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         families[family.name] = family.type
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
@@ -156,3 +171,54 @@ async def test_not_ready_while_the_spool_cannot_commit(postroom: Running):
         await spool._writer.run(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
         assert (await http.post("/v1/messages", json=big)).status_code == 202
         assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_webhook_families_show_backlog_and_failures(make_settings: Callable[..., Settings]):
+    """The dispatcher and the metrics wired as the service wires them, against a real receiver
+    that fails, then accepts, then answers 410 Gone."""
+    settings = make_settings(webhooks={
+        "allow_private_networks": True, "retry_schedule": ["100ms"], "poll_interval": "50ms"})
+    spool = await Spool.open(settings)
+
+    clock = FakeClock()  # each scrape below moves it past the cache: every one reads the spool
+    metrics = Metrics(spool.queue_summary, clock=clock, webhook_backlog=spool.webhook_backlog)
+    dispatcher = WebhookDispatcher(
+        spool, settings, Egress(build_resolver(settings), True), metrics=metrics
+    )
+
+    async def webhook_samples() -> dict[str, float]:
+        clock.now += QUEUE_CACHE
+        samples = parse((await metrics.render()).decode())
+        return {name: samples[(f"postroom_webhook_{name}", ())]
+                for name in ("attempts_total", "failures_total", "given_up_total", "backlog")}
+
+    async def reached(expected: dict[str, float]) -> bool:
+        return await webhook_samples() == expected
+
+    def submission() -> Submission:
+        return Submission("app@acme.test", ("u@example.test",), b"Subject: m\r\n\r\nhi\r\n",
+                          Source.API)
+
+    try:
+        async with WebhookSink() as sink:
+            sink.script_status(500)
+            await spool.create_webhook(sink.url, ("email.queued",))
+            await spool.accept(submission())
+            await spool.accept(submission())
+            assert await webhook_samples() == {
+                "attempts_total": 0, "failures_total": 0, "given_up_total": 0, "backlog": 2}
+            running = asyncio.create_task(dispatcher.run())
+            # One 500 (retried 100 ms later), then two 200s: the backlog drains.
+            after_retry = {"attempts_total": 3, "failures_total": 1, "given_up_total": 0,
+                           "backlog": 0}
+            await wait_until(lambda: reached(after_retry))
+            sink.script_status(410)
+            await spool.accept(submission())
+            after_gone = {"attempts_total": 4, "failures_total": 2, "given_up_total": 1,
+                          "backlog": 0}
+            await wait_until(lambda: reached(after_gone))
+            await dispatcher.stop(1)
+            await running
+    finally:
+        await spool.close()
+

@@ -25,7 +25,8 @@ from store import (
     WebhookEndpoint,
 )
 from tests.conftest import Running
-from tests.support import DnsServer, WebhookRequest, WebhookSink, wait_until
+from tests.support import DnsServer, MxSink, WebhookRequest, WebhookSink, wait_until
+from tests.support.webhook_sink import Reply
 
 CONTENT = b"From: app@acme.test\r\nSubject: hi\r\n\r\nbody\r\n"
 FAST = {
@@ -163,6 +164,18 @@ async def attempts_of(postroom: Running, key: str, webhook_id: str) -> list[dict
     assert response.status_code == 200
     data: list[dict[str, Any]] = response.json()["data"]
     return data[::-1]  # oldest first
+
+
+async def wait_for_attempts(
+    postroom: Running, key: str, webhook_id: str, n: int
+) -> list[dict[str, Any]]:
+    """The attempt log (oldest first) once it holds `n` entries."""
+
+    async def logged() -> list[dict[str, Any]] | None:
+        log = await attempts_of(postroom, key, webhook_id)
+        return log if len(log) >= n else None
+
+    return await wait_until(logged)
 
 
 def check_signed(request: WebhookRequest, secret: str) -> dict[str, Any]:
@@ -415,6 +428,101 @@ async def test_crud_patch_replay_and_delete(start: Callable[..., Any], sink: Web
     send_only = await postroom.new_key(scope=Scope.SEND)
     async with postroom.http(send_only) as http:
         assert (await http.get("/v1/webhooks")).status_code == 403
+
+
+async def test_payload_carries_the_message_tags_and_metadata(
+    start: Callable[..., Any], sink: WebhookSink
+):
+    postroom: Running = await start(**FAST)
+    key = await postroom.new_key()
+    hook = await add_webhook(postroom, key, sink.url, events=["email.queued"])
+    async with postroom.http(key) as http:
+        response = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": "user@example.test", "subject": "s", "text": "hi",
+            "tags": ["welcome", {"name": "plan", "value": "pro"}],
+            "metadata": {"order": "42"}})
+        assert response.status_code == 202, response.text
+    [request] = await sink.wait_for_requests(1)
+    data = check_signed(request, hook["secret"])["data"]
+    assert data["tags"] == ["welcome", {"name": "plan", "value": "pro"}]
+    assert data["metadata"] == {"order": "42"}
+
+
+async def test_integer_query_parameters_are_validated(
+    start: Callable[..., Any], sink: WebhookSink
+):
+    postroom: Running = await start(**FAST)
+    key = await postroom.new_key()
+    hook = await add_webhook(postroom, key, sink.url)
+    url = f"/v1/webhooks/{hook['id']}/deliveries"
+    async with postroom.http(key) as http:
+        for params, field in [({"before": "99999999999999999999999"}, "before"),
+                              ({"before": str(2**63)}, "before"), ({"before": "-1"}, "before"),
+                              ({"before": "²"}, "before"), ({"before": "1e3"}, "before"),
+                              ({"limit": "²"}, "limit"), ({"limit": "0"}, "limit")]:
+            response = await http.get(url, params=params)
+            assert response.status_code == 422, params
+            body = response.json()
+            assert body["error"] == "validation_error", params
+            assert [d["field"] for d in body["details"]] == [field], params
+        for before in (str(2**63 - 1), "0", ""):
+            response = await http.get(url, params={"before": before})
+            assert response.status_code == 200, before
+
+
+async def test_a_trickling_reply_is_cut_off_at_the_deadline(
+    start: Callable[..., Any], sink: WebhookSink
+):
+    # One byte every 0.3 s never trips httpx's per-read timeout of 1 s: ≈ 30 s for the answer.
+    postroom: Running = await start(webhooks={**FAST["webhooks"], "timeout": "1s"})
+    key = await postroom.new_key()
+    hook = await add_webhook(postroom, key, sink.url, events=["email.queued"])
+    sink.script(Reply(trickle=0.3))
+    await submit(postroom)
+    first, second = await wait_for_attempts(postroom, key, hook["id"], 2)
+    assert first["status_code"] is None and first["success"] is False
+    assert first["error"] == "timed out after 1s"
+    assert 900 <= first["latency_ms"] < 2500  # the deadline, not the trickle's 30 s
+    assert (second["attempt"], second["status_code"], second["success"]) == (2, 200, True)
+    one, two = sink.requests
+    assert one.headers["webhook-id"] == two.headers["webhook-id"]
+
+
+async def test_a_huge_reply_is_not_read_whole(start: Callable[..., Any], sink: WebhookSink):
+    postroom: Running = await start(**FAST)
+    key = await postroom.new_key()
+    hook = await add_webhook(postroom, key, sink.url, events=["email.queued"])
+    sink.script(Reply(body_size=300 * 2**20))
+    await submit(postroom)
+    [attempt] = await wait_until(lambda: attempts_of(postroom, key, hook["id"]))
+    assert (attempt["status_code"], attempt["success"]) == (200, True)
+    assert attempt["latency_ms"] < 2000
+    # Postroom hung up after a few KB: the receiver got no further than the socket buffers.
+    [sent] = sink.body_bytes_sent
+    assert sent < 32 * 2**20
+    await submit(postroom)  # a fresh connection serves the next delivery
+    log = await wait_for_attempts(postroom, key, hook["id"], 2)
+    assert [a["status_code"] for a in log] == [200, 200]
+
+
+async def test_a_hanging_endpoint_does_not_delay_another(
+    start: Callable[..., Any], sink: WebhookSink, mx_sink: MxSink
+):
+    postroom: Running = await start(webhooks={**FAST["webhooks"], "timeout": "3s"})
+    key = await postroom.new_key()
+    async with WebhookSink() as hanging:
+        hanging.script(*[Reply(delay=60)] * 4)  # accepts the request, never answers
+        stuck = await add_webhook(postroom, key, hanging.url)
+        await add_webhook(postroom, key, sink.url)
+        message_id = await submit(postroom)
+        # The other endpoint gets both events, the mail is delivered, and all of it while the
+        # hanging endpoint still holds its requests (no attempt of it has ended yet).
+        requests = await sink.wait_for_requests(2)
+        assert sorted(r.json()["type"] for r in requests) == ["email.delivered", "email.queued"]
+        assert all(r.json()["data"]["message_id"] == message_id for r in requests)
+        await mx_sink.wait_for_messages(1)
+        await hanging.wait_for_requests(1)
+        assert await attempts_of(postroom, key, stuck["id"]) == []
 
 
 def test_secret_is_not_in_repr():

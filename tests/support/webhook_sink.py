@@ -1,7 +1,8 @@
 """A minimal real HTTP/1.1 receiver in the running event loop, standing in for webhook targets.
 
-Owns `WebhookSink` and the `WebhookRequest` record it stores. Handles keep-alive and both
-Content-Length and chunked request bodies; nothing fancier.
+Owns `WebhookSink`, the `WebhookRequest` record it stores and the `Reply` scripts that make it
+misbehave (hang, trickle its answer a byte at a time, send a huge body). Handles keep-alive and
+both Content-Length and chunked request bodies; nothing fancier.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ class WebhookRequest:
         return json.loads(self.body)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """How to answer one request: after `delay` seconds, `status` with a body of `body_size`
+    bytes (the status phrase when 0), the whole answer one byte every `trickle` seconds."""
+
+    status: int = 200
+    delay: float = 0.0
+    trickle: float | None = None
+    body_size: int = 0
+
+
+_CHUNK = 64 * 1024
+
+
 class WebhookSink:
     """HTTP server on 127.0.0.1:<ephemeral>; answers scripted statuses, then `default_status`."""
 
@@ -35,7 +50,8 @@ class WebhookSink:
         self.port = port  # 0: ephemeral; a restarted sink binds the port it had again
         self.location: str | None = None  # sent as Location with 3xx answers
         self.requests: list[WebhookRequest] = []
-        self._statuses: deque[int] = deque()
+        self.body_bytes_sent: list[int] = []  # per Reply with a body_size: bytes written
+        self._statuses: deque[int | Reply] = deque()
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -47,6 +63,10 @@ class WebhookSink:
     def script_status(self, *statuses: int) -> None:
         """Statuses for the next requests, in order, e.g. script_status(500, 500)."""
         self._statuses.extend(statuses)
+
+    def script(self, *replies: Reply) -> None:
+        """Replies for the next requests, in order, before the scripted or default statuses."""
+        self._statuses.extend(replies)
 
     async def start(self) -> WebhookSink:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -92,24 +112,14 @@ class WebhookSink:
         self._tasks.add(task)
         try:
             while request := await _read_request(reader):
-                status = self._statuses.popleft() if self._statuses else self.default_status
+                scripted = self._statuses.popleft() if self._statuses else self.default_status
+                reply = scripted if isinstance(scripted, Reply) else Reply(scripted)
                 async with self._changed:
                     self.requests.append(request)
                     self._changed.notify_all()
-                body = HTTPStatus(status).phrase.encode()
                 close = request.headers.get("connection", "").lower() == "close"
-                location = (
-                    f"Location: {self.location}\r\n"
-                    if self.location and 300 <= status < 400
-                    else ""
-                )
-                writer.write(
-                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{location}"
-                    f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
+                await asyncio.sleep(reply.delay)
+                await self._answer(writer, reply, close)
                 if close:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -121,6 +131,39 @@ class WebhookSink:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+    async def _answer(self, writer: asyncio.StreamWriter, reply: Reply, close: bool) -> None:
+        phrase = HTTPStatus(reply.status).phrase
+        location = (
+            f"Location: {self.location}\r\n"
+            if self.location and 300 <= reply.status < 400
+            else ""
+        )
+        head = (
+            f"HTTP/1.1 {reply.status} {phrase}\r\n{location}"
+            f"Content-Type: text/plain\r\nContent-Length: {reply.body_size or len(phrase)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
+        )
+        if reply.trickle is None:
+            writer.write(head)
+        else:
+            for i in range(len(head)):
+                writer.write(head[i : i + 1])
+                await writer.drain()  # raises once the client hangs up
+                await asyncio.sleep(reply.trickle)
+        if not reply.body_size:
+            writer.write(phrase.encode())
+            await writer.drain()
+            return
+        index = len(self.body_bytes_sent)
+        self.body_bytes_sent.append(0)
+        while self.body_bytes_sent[index] < reply.body_size:
+            # In chunks, paced by the client's reading: only what it reads is ever made.
+            chunk = b"x" * min(_CHUNK, reply.body_size - self.body_bytes_sent[index])
+            writer.write(chunk)
+            await writer.drain()  # raises once the client hangs up
+            self.body_bytes_sent[index] += len(chunk)
 
 
 async def _read_request(reader: asyncio.StreamReader) -> WebhookRequest | None:
