@@ -11,10 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import os
 import re
 import socket
 import tomllib
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -29,10 +33,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/postroom/postroom.toml")
 EXAMPLE_CONFIG = Path(__file__).with_name("example.toml")
+ENV_PREFIX = "POSTROOM_"
+#: `POSTROOM_*` variables that are not settings (`POSTROOM_CONFIG`: the config file's path).
+NON_SETTING_VARIABLES = frozenset({"POSTROOM_CONFIG"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -122,6 +135,10 @@ def _steps(value: list[float]) -> list[float]:
 Schedule = Annotated[list[Duration], AfterValidator(_steps)]
 
 
+def _is_secret(annotation: Any) -> bool:
+    return SecretStr in (annotation, *getattr(annotation, "__args__", ()))
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, and secrets may come from `<key>_file`."""
 
@@ -137,13 +154,21 @@ class Section(BaseModel):
             file_key = f"{name}_file"
             if file_key not in data:
                 continue
-            if SecretStr not in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if not _is_secret(field.annotation):
                 continue
             path = Path(str(data.pop(file_key)))
             try:
                 data[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
-                raise ValueError(f"{file_key}: cannot read {path}: {exc.strerror}") from None
+                # Raised with its own location, so the message names `section.<key>_file`
+                # rather than the whole section this validator runs on.
+                error = PydanticCustomError(
+                    "secret_file", "cannot read {path}: {reason}",
+                    {"path": str(path), "reason": exc.strerror or str(exc)},
+                )
+                raise ValidationError.from_exception_data(
+                    cls.__name__, [{"type": error, "loc": (file_key,), "input": str(path)}]
+                ) from None
         return data
 
 
@@ -385,6 +410,8 @@ class RetentionSettings(Section):
     interval: Duration = 600.0
     batch_size: int = Field(default=500, ge=1)
     batch_pause: Duration = 0.05
+
+
 class PolicySettings(Section):
     # Accept mail whose From: domain was never added with `postroom domains add` (it goes out
     # unsigned). Off in production: only your own, DKIM-signed domains send.
@@ -395,7 +422,7 @@ class Settings(BaseSettings):
     """Every setting, by section; `config_path` is where the file was (or would be) read."""
 
     model_config = SettingsConfigDict(
-        env_prefix="POSTROOM_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
     sections: ClassVar[tuple[str, ...]] = (
         "server", "smtp", "api", "delivery", "storage", "webhooks", "events", "log",
@@ -463,10 +490,14 @@ def load_settings(
             raise ConfigError([f"{config_path}: not valid TOML: {exc}"]) from None
     elif must_exist:
         raise ConfigError([f"{config_path}: no such config file"])
+    if problems := check_environment(os.environ):
+        raise ConfigError(problems)
     try:
         settings = Settings(**data, config_path=config_path.resolve())
     except ValidationError as exc:
         raise ConfigError([_describe(err) for err in exc.errors()]) from None
+    except SettingsError as exc:  # what check_environment did not foresee, still no traceback
+        raise ConfigError([f"environment: {exc}"]) from None
     data_dir = settings.server.data_dir
     if not data_dir.is_absolute():
         # A relative data_dir is relative to the config file, not to the working directory.
@@ -475,6 +506,76 @@ def load_settings(
         )
         settings = settings.model_copy(update={"server": server})
     return settings
+
+
+def check_environment(environ: Mapping[str, str]) -> list[str]:
+    """Problems with the `POSTROOM_<SECTION>__<KEY>` variables, as `section.key: reason`.
+
+    pydantic-settings ignores variables naming no section (a typo would silently change
+    nothing) and reports a list or table that is not JSON without saying which key: both are
+    found here, before it reads them. Other bad values are left to validation.
+    """
+    problems = []
+    for var, value in sorted(environ.items()):
+        upper = var.upper()  # names match case-insensitively, as pydantic-settings reads them
+        if not upper.startswith(ENV_PREFIX) or upper in NON_SETTING_VARIABLES:
+            continue
+        parts = upper.removeprefix(ENV_PREFIX).lower().split("__")
+        key = ".".join(parts)
+        annotation = _env_target(parts)
+        if annotation is None:
+            problems.append(f"{key}: unknown setting (from {var})")
+        elif _is_complex(annotation):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                problems.append(
+                    f"{key}: {var} is not valid JSON ({exc}); lists and tables are JSON in "
+                    "the environment, e.g. '[\"10.0.0.0/8\"]'"
+                )
+    return problems
+
+
+def _env_target(parts: list[str]) -> Any:
+    """The type a variable's key path names, or None if it names no setting."""
+    if parts[0] not in Settings.sections:
+        return None
+    target: Any = Settings.model_fields[parts[0]].annotation
+    for part in parts[1:]:
+        target = _unwrap(target)
+        if isinstance(target, type) and issubclass(target, BaseModel):
+            field = target.model_fields.get(part)
+            secret = target.model_fields.get(part.removesuffix("_file"))
+            if field is not None:
+                target = field.annotation
+            elif part.endswith("_file") and secret is not None and _is_secret(secret.annotation):
+                target = str  # the path of a file holding the secret
+            else:
+                return None
+        elif typing.get_origin(target) is dict:
+            target = typing.get_args(target)[1]  # any key: a route's or destination's domain
+        else:
+            return None
+    return target
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X` from `Annotated[X, …]` and `X | None`."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return annotation
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether pydantic-settings reads this type from the environment as JSON."""
+    target = _unwrap(annotation)
+    if isinstance(target, type) and issubclass(target, BaseModel):
+        return True
+    return typing.get_origin(target) in (list, dict, tuple, set, frozenset)
 
 
 def _describe(err: Any) -> str:

@@ -163,14 +163,21 @@ def init(ctx: click.Context, data_dir: str | None, dev: bool) -> None:
             text = text.replace(
                 "allow_unconfigured_domains = false", "allow_unconfigured_domains = true", 1
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write the config {path}: {exc.strerror or exc}")
         click.echo(f"wrote {path}")
     else:
         click.echo(f"kept {path} (already there)")
     settings = settings_of(ctx, must_exist=True)
-    settings.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    applied = migrate(settings.spool_path, settings.storage.busy_timeout)
+    directory = settings.server.data_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        fail(f"cannot create server.data_dir {directory}: {exc.strerror or exc}")
+    applied = migrate_spool(settings)
     click.echo(f"spool {settings.spool_path}: " + (", ".join(applied) or "up to date"))
     if settings.smtp.tls_cert is None:
         cert, key = tls_paths(settings)
@@ -179,6 +186,14 @@ def init(ctx: click.Context, data_dir: str | None, dev: bool) -> None:
         else:
             write_self_signed(cert, key, settings.server.hostname)
             click.echo(f"wrote self-signed TLS certificate {cert} for {settings.server.hostname}")
+
+
+def migrate_spool(settings: Settings) -> list[str]:
+    """Create or upgrade the spool; a spool that cannot be opened is a message and exit 1."""
+    try:
+        return migrate(settings.spool_path, settings.storage.busy_timeout)
+    except StoreError as exc:
+        fail(str(exc))
 
 
 def write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
@@ -206,6 +221,7 @@ def write_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     )
     cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a key file that was already there keeps its mode otherwise
     with os.fdopen(fd, "wb") as fh:
         fh.write(
             key.private_bytes(
@@ -405,7 +421,9 @@ def db() -> None:
 def db_migrate(ctx: click.Context) -> None:
     """Apply pending schema migrations."""
     settings = settings_of(ctx)
-    applied = migrate(settings.spool_path, settings.storage.busy_timeout)
+    if not settings.spool_path.exists():  # a wrong data_dir must not get a new, empty spool
+        fail(f"no spool at {settings.spool_path}: run `postroom init` first")
+    applied = migrate_spool(settings)
     click.echo(", ".join(applied) if applied else "up to date")
 
 

@@ -17,8 +17,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
+import socket
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,9 +54,24 @@ class StartupError(RuntimeError):
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the service owns signals (STYLE.md gotcha 4)."""
 
+    def __init__(self, config: uvicorn.Config, setting: str) -> None:
+        super().__init__(config)
+        self.setting = setting  # where the address came from, for the start-up error
+
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[no-untyped-def]
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn logs a bind error and calls sys.exit(3) from inside its task; SystemExit
+        # escapes the event loop at once, so it is turned into a StartupError here.
+        try:
+            await super().startup(sockets)
+        except SystemExit as exc:
+            address = f"{self.config.host}:{self.config.port}"
+            cause = exc.__context__
+            reason = _os_reason(cause) if isinstance(cause, OSError) else "cannot listen"
+            raise StartupError(f"{self.setting} {address}: {reason}") from None
 
 
 #: Settings the delivery engine and the webhook dispatcher take on at a reload (SIGHUP): they
@@ -165,7 +183,9 @@ class Service:
             )
             for listen in settings.smtp.listen:
                 host, port = parse_address(listen)
-                server = await loop.create_server(factory, host, port)
+                server = await _listen("smtp.listen", listen, loop.create_server(
+                    factory, host, port
+                ))
                 smtp_servers.append(server)
                 self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
             tls_factory = sessions.guard(
@@ -173,7 +193,9 @@ class Service:
             )
             for listen in settings.smtp.tls_listen:
                 host, port = parse_address(listen)
-                server = await loop.create_server(tls_factory, host, port, ssl=tls)
+                server = await _listen("smtp.tls_listen", listen, loop.create_server(
+                    tls_factory, host, port, ssl=tls
+                ))
                 smtp_servers.append(server)
                 self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
@@ -186,7 +208,7 @@ class Service:
                 app, host=api_host, port=api_port, lifespan="off", access_log=False,
                 log_config=None, server_header=False,
             )
-            api_server = _Server(config)
+            api_server = _Server(config, "api.listen")
             tasks["api"] = asyncio.create_task(api_server.serve(), name="api")
             while not api_server.started:
                 if tasks["api"].done():
@@ -274,7 +296,7 @@ class Service:
             create_public_app(self.spool, settings, self.readiness), host=host, port=port,
             lifespan="off", access_log=False, log_config=None, server_header=False,
         )
-        server = _Server(config)
+        server = _Server(config, "api.public_listen")
         tasks["public-api"] = asyncio.create_task(server.serve(), name="public-api")
         while not server.started:
             if tasks["public-api"].done():
@@ -438,6 +460,18 @@ def _nothing() -> None:
     pass
 
 
+def _os_reason(exc: OSError) -> str:
+    """The errno's own words (`address already in use`), not asyncio's longer sentence."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+async def _listen(setting: str, listen: str, starting: Awaitable[asyncio.Server]) -> asyncio.Server:
+    try:
+        return await starting
+    except OSError as exc:
+        raise StartupError(f"{setting} {listen}: {_os_reason(exc)}") from None
+
+
 def _prepare_logging(new: Settings) -> Apply:
     return lambda: logs.apply(new)
 
@@ -463,6 +497,17 @@ def load_tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not cert.exists() and settings.smtp.tls_cert is None:
         logger.warning("no TLS certificate at %s: STARTTLS and AUTH are off", cert)
         return None
+    # OpenSSL's errors name neither the file nor the setting: open each file first.
+    for setting, path in (("smtp.tls_cert", cert), ("smtp.tls_key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise StartupError(f"{setting} {path}: {exc.strerror or exc}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise StartupError(
+            f"smtp.tls_cert {cert} with smtp.tls_key {key}: cannot load ({exc.reason or exc})"
+        ) from None
     return context

@@ -13,6 +13,7 @@ from store.errors import (
     NotFound,
     PolicyRejected,
     SpoolClosed,
+    SpoolUnavailable,
     StorageFull,
     StoreError,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "SpoolClosed",
     "SpoolHealth",
     "SpoolObserver",
+    "SpoolUnavailable",
     "StatsGroup",
     "StatsGrouping",
     "StorageFull",

@@ -5,15 +5,18 @@ its own, inside one read transaction — a consistent snapshot, while the servin
 goes on committing to the WAL (readers never block the writer in WAL mode). The copy is written
 beside the target, checked with `PRAGMA integrity_check`, switched to a self-contained rollback
 journal and only then renamed into place, so a target path never holds a half-written backup.
+Like the spool, a backup is readable by its owner alone (0600).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.db import create_private
 from store.errors import StoreError
 
 
@@ -31,8 +34,9 @@ def backup(source: Path, target: Path, busy_timeout: float) -> BackupResult:
     if target.exists():
         raise StoreError(f"{target} exists: choose a new file for the backup")
     partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
     try:
+        partial.unlink(missing_ok=True)
+        create_private(partial)  # it holds what the spool holds, DKIM keys too: owner only
         src = sqlite3.connect(source, timeout=busy_timeout)
         try:
             src.execute("PRAGMA query_only=ON")
@@ -51,9 +55,12 @@ def backup(source: Path, target: Path, busy_timeout: float) -> BackupResult:
             raise StoreError(f"the backup failed its integrity check: {problems[0]}")
         os.replace(partial, target)
     except sqlite3.Error as exc:
-        raise StoreError(f"backup failed: {exc}") from None
+        raise StoreError(f"backup failed ({source} to {target}): {exc}") from None
+    except OSError as exc:
+        raise StoreError(f"backup failed: cannot write {target}: {exc.strerror or exc}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return BackupResult(path=target, size=target.stat().st_size, messages=int(messages))
 
 

@@ -1,9 +1,11 @@
 """The spool's errors: what a caller of `Spool` may have to handle.
 
     StoreError
+    ├── SpoolUnavailable   the spool file cannot be opened or created (carries the path)
     ├── SpoolClosed        the spool is shutting down or closed; nothing was written
     ├── StorageFull        the disk or database is full; nothing was written
     ├── NotFound           no such message, key, …
+    ├── Conflict           the record already exists
     ├── PolicyRejected     intake refused the message (carries a slug and a field)
     └── IdempotencyConflict  the idempotency key is in use (carries a slug)
 
@@ -13,12 +15,23 @@ Each subclass's docstring is its default message. Expected outcomes of delivery 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class StoreError(Exception):
     """The spool could not complete the operation."""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
+
+
+class SpoolUnavailable(StoreError):
+    """The spool cannot be opened."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot open the spool {path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class SpoolClosed(StoreError):
@@ -57,5 +70,7 @@ _CONFLICT_MESSAGES = {
     IdempotencyConflict.REUSED: "this idempotency key was already used with a different request",
     IdempotencyConflict.IN_PROGRESS: "a request with this idempotency key is still in progress",
 }
+
+
 class Conflict(StoreError):
     """The record already exists."""

@@ -37,7 +37,7 @@ from store import (
     webhooks,
 )
 from store.crypto import BODY, DKIM, Sealer, verify_key
-from store.db import connect_reader, connect_writer
+from store.db import connect_reader, connect_writer, opening
 from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
 from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
@@ -104,12 +104,13 @@ KEY_PREFIX = "pr_"
 
 def migrate(path: Path, busy_timeout: float = 10.0) -> list[str]:
     """Create or upgrade the spool at `path`; return the names of the migrations applied."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = connect_writer(path, busy_timeout)
-    try:
-        return [f"{m.version:04d}_{m.name}" for m in apply_migrations(conn)]
-    finally:
-        conn.close()
+    with opening(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect_writer(path, busy_timeout)
+        try:
+            return [f"{m.version:04d}_{m.name}" for m in apply_migrations(conn)]
+        finally:
+            conn.close()
 
 
 class Spool:
@@ -148,16 +149,17 @@ class Spool:
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:
         path = settings.spool_path
         timeout = settings.storage.busy_timeout
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await asyncio.to_thread(connect_writer, path, timeout)
-        try:
-            await asyncio.to_thread(apply_migrations, conn)
-            await asyncio.to_thread(verify_key, conn, Sealer.from_settings(settings))
-        except BaseException:
-            conn.close()
-            raise
-        writer = Writer(conn, settings.storage.commit_batch)
-        pool = [await connect_reader(path, timeout) for _ in range(readers)]
+        with opening(path):  # a file that is not a spool, no access, …: SpoolUnavailable
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await asyncio.to_thread(connect_writer, path, timeout)
+            try:
+                await asyncio.to_thread(apply_migrations, conn)
+                await asyncio.to_thread(verify_key, conn, Sealer.from_settings(settings))
+            except BaseException:
+                conn.close()
+                raise
+            writer = Writer(conn, settings.storage.commit_batch)
+            pool = [await connect_reader(path, timeout) for _ in range(readers)]
         return cls(settings, writer, pool)
 
     async def close(self) -> None:

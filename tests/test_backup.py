@@ -6,11 +6,12 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import stat
 from pathlib import Path
 from typing import Any
 
 from store import MessageStatus, Source, Submission
-from tests.conftest import Running
+from tests.conftest import Running, postroom_cli, write_config
 from tests.support import DnsServer, MxSink, wait_until
 from tests.test_queue_tools import cli_config, run
 
@@ -92,7 +93,7 @@ async def test_backup_under_load_restores_and_delivers(
 async def test_backup_and_check_fail_clearly(tmp_path: Path, postroom: Running):
     config = cli_config(tmp_path, postroom)
     missing = await run(config, "db", "backup", str(tmp_path / "no" / "dir" / "b.sqlite3"))
-    assert missing.exit_code == 1 and "backup failed" in missing.output
+    assert missing.exit_code == 1 and "backup failed: cannot write" in missing.output
     await postroom.stop()
     spool = postroom.service.settings.spool_path
     for path in spool.parent.glob("spool.sqlite3-*"):
@@ -100,3 +101,30 @@ async def test_backup_and_check_fail_clearly(tmp_path: Path, postroom: Running):
     spool.write_bytes(b"not a database" * 100)
     damaged = await run(config, "db", "check")
     assert damaged.exit_code == 1 and "cannot check" in damaged.output
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_spool_backup_and_tls_key_are_for_their_owner_only(tmp_path: Path):
+    # The spool holds DKIM private keys (in the clear without encryption at rest).
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "postroom.toml", {"server": {"data_dir": str(data_dir)}})
+    key = data_dir / "tls" / "key.pem"
+    key.parent.mkdir(parents=True)
+    key.write_text("left from an earlier attempt")
+    key.chmod(0o644)
+    postroom_cli(config, "init")
+    assert mode(key) == 0o600
+    postroom_cli(config, "domains", "add", "acme.test")
+    spool = data_dir / "spool.sqlite3"
+    assert mode(spool) == 0o600
+    with sqlite3.connect(spool) as conn:  # while it is open, SQLite has its -wal and -shm
+        conn.execute("SELECT count(*) FROM domains").fetchone()
+        sidecars = sorted(data_dir.glob("spool.sqlite3-*"))
+        assert [p.name for p in sidecars] == ["spool.sqlite3-shm", "spool.sqlite3-wal"]
+        assert all(mode(p) == 0o600 for p in sidecars)
+    backup = tmp_path / "spool-backup.sqlite3"
+    postroom_cli(config, "db", "backup", str(backup))
+    assert mode(backup) == 0o600

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,71 @@ def test_secret_from_file(tmp_path: Path):
     assert "s3cret" not in repr(settings)
     with pytest.raises(ValueError, match="cannot read"):
         Settings(api={"key_hash_secret_file": str(tmp_path / "missing")})
+
+
+def run_cli(
+    cwd: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """The real `postroom` in a child process, with only the given POSTROOM_* variables."""
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith("POSTROOM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], cwd=cwd, env=base | env,
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        pytest.param("POSTROOM_SMTP__LISTEN", "notjson", "smtp.listen: ", id="list-not-json"),
+        pytest.param("POSTROOM_SMTP__TRUSTED_NETWORKS", '["10.0.0.0/8"', "smtp.trusted_networks: ",
+                     id="list-cut-short"),
+        pytest.param("POSTROOM_SMTP", "{", "smtp: ", id="section-not-json"),
+        pytest.param("POSTROOM_SMPT__LISTEN", '["127.0.0.1:25"]',
+                     "smpt.listen: unknown setting", id="unknown-section"),
+        pytest.param("POSTROOM_SMTP__UNKNOWNKEY", "1", "smtp.unknownkey: unknown setting",
+                     id="unknown-key"),
+        pytest.param("POSTROOM_CONFIG_PATH", "/tmp/x", "config_path: unknown setting",
+                     id="not-a-setting"),
+    ],
+)
+def test_bad_environment_exits_2_naming_the_key(
+    tmp_path: Path, variable: str, value: str, expected: str
+):
+    config = tmp_path / "ok.toml"
+    config.write_text('[server]\ndata_dir = "data"\n')
+    result = run_cli(tmp_path, {variable: value}, "--config", str(config), "keys", "list")
+    assert result.returncode == 2, result.stderr
+    assert f"postroom: config: {expected}" in result.stderr
+    assert variable in result.stderr  # where to look
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unreadable_secret_file_names_the_key(tmp_path: Path):
+    config = tmp_path / "ok.toml"
+    config.write_text(f'[api]\nkey_hash_secret_file = "{tmp_path / "missing"}"\n')
+    result = run_cli(tmp_path, {}, "--config", str(config), "keys", "list")
+    assert result.returncode == 2
+    assert "postroom: config: api.key_hash_secret_file: cannot read " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_path_and_secret_file_variables_still_work(tmp_path: Path):
+    config = tmp_path / "elsewhere.toml"
+    config.write_text('[server]\ndata_dir = "data"\n')
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    env = {
+        "POSTROOM_CONFIG": str(config),
+        "POSTROOM_API__KEY_HASH_SECRET_FILE": str(secret),
+        "POSTROOM_DELIVERY__ROUTES__EXAMPLE.COM__HOST": "smarthost.example.net",
+    }
+    assert run_cli(tmp_path, env, "init").returncode == 0
+    created = run_cli(tmp_path, env, "keys", "create", "--name", "app")
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "data" / "spool.sqlite3").exists()  # the config POSTROOM_CONFIG named
+    listed = run_cli(tmp_path, env, "keys", "list")
+    assert listed.returncode == 0 and "app" in listed.stdout
 
 
 def test_lease_must_outlast_an_attempt():

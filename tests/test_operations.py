@@ -67,6 +67,12 @@ def test_unit_is_notify_hardened_and_reloadable():
     assert stop > Settings().server.shutdown_timeout
     assert stop > load_settings(ROOT / "config" / "production.toml").server.shutdown_timeout
     assert one(unit, "Install.WantedBy") == "multi-user.target"
+    # Every SMTP session holds a descriptor, and delivery, webhooks and SQLite need more: the
+    # default soft limit (1024) sits right at smtp.max_sessions.
+    assert int(one(unit, "Service.LimitNOFILE")) == 65536
+    assert 65536 > 10 * Settings().smtp.max_sessions
+    # Nothing installs a local file to point at (pip does not install README.md).
+    assert not any(d.startswith("file:") for d in unit.get("Unit.Documentation", []))
 
 
 def test_sysusers_and_tmpfiles_match_the_unit():
@@ -75,6 +81,10 @@ def test_sysusers_and_tmpfiles_match_the_unit():
     tmpfiles = (ROOT / "systemd" / "postroom.tmpfiles.conf").read_text()
     assert "d /var/lib/postroom 0750 postroom postroom" in tmpfiles
     assert "d /etc/postroom 0750 root postroom" in tmpfiles
+    # The README's backup command writes into a directory that must exist, for postroom only.
+    readme = (ROOT / "README.md").read_text()
+    assert "db backup /var/backups/postroom/" in readme
+    assert "d /var/backups/postroom 0750 postroom postroom" in tmpfiles
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
