@@ -1,12 +1,13 @@
 """The delivery engine (Postfix's qmgr): claim due units, attempt them, record the outcomes.
 
-Owns the loop that asks pacing what each destination may start now, leases exactly that from the
-spool (round-robin over destinations), and runs one attempt per (message, destination) job: route
-(smarthost from `delivery.routes`, else MX with loop and private-address screening), DKIM-sign
-with the From domain's keys, try hosts and addresses in order, then record each recipient's
-outcome with its event in one spool write. It wakes when intake commits new work or an attempt
-frees a slot, and polls otherwise. On stop it lets running attempts finish within the shutdown
-timeout and gives every other lease back.
+Owns the loop that asks pacing what each destination (a recipient domain, or the smarthost it is
+routed through) may start now, leases that from the spool (round-robin over recipient domains),
+and runs one attempt per (message, domain) job: route (smarthost from `delivery.routes`, else MX
+with loop and private-address screening), DKIM-sign with the From domain's keys, try hosts and
+addresses in order, then record each recipient's outcome with its event in one spool write — or
+`failed` when Postroom itself cannot try (the body is gone, the message cannot be signed). It
+wakes when intake commits new work or an attempt frees a slot, and polls otherwise. On stop it
+lets running attempts finish within the shutdown timeout and gives every other lease back.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from config import RouteSettings, Settings
 from relay.dkim import DkimError, KeyRing
 from relay.mx import MxResolver, screen
-from relay.outcome import decide
+from relay.outcome import decide, not_attempted
 from relay.pacing import Limits, Pacer
 from relay.tasks import drain, first_of
 from relay.transport import (
@@ -39,6 +41,13 @@ _TEST_REPLY = Reply(250, "2.0.0", "test mode: accepted, not sent")
 
 # Session failures that mean "no host of this destination could be reached".
 _UNREACHABLE = frozenset({"4.4.1", "4.4.2"})
+
+
+@dataclass(frozen=True, slots=True)
+class NotAttempted:
+    """Postroom itself cannot try a job (no host was asked): its recipients are `failed`."""
+
+    reason: str
 
 
 class DeliveryEngine:
@@ -87,17 +96,19 @@ class DeliveryEngine:
             free = cfg.max_connections - len(self._running)
             jobs: list[DeliveryJob] = []
             if free > 0:
-                rooms, default_room = self._pacer.rooms()
+                rooms, default_room, routed_room = self._claim_rooms()
                 self._spool.work_available.clear()
                 self._slot_freed.clear()
+                units = min(free, cfg.claim_batch, routed_room)
                 try:
-                    jobs = await self._spool.claim_due(
-                        max_units=min(free, cfg.claim_batch),
-                        per_destination=default_room,
-                        lease=cfg.lease,
-                        rooms=rooms,
-                        aging=cfg.priority_aging,
-                    )
+                    if units > 0:
+                        jobs = await self._spool.claim_due(
+                            max_units=units,
+                            per_destination=default_room,
+                            lease=cfg.lease,
+                            rooms=rooms,
+                            aging=cfg.priority_aging,
+                        )
                 except StoreError as exc:
                     # A failed commit (write lock held too long, full disk) is the spool's
                     # trouble, not the engine's end: try again at the next poll.
@@ -105,14 +116,49 @@ class DeliveryEngine:
             if jobs and self._stopping.is_set():  # stop() came during the claim: give it back
                 await self._spool.release(r.id for job in jobs for r in job.recipients)
                 break
+            held: list[DeliveryJob] = []
             for job in jobs:
-                self._pacer.started(job.destination)
-                task = asyncio.create_task(self._attempt(job), name=f"deliver {job.message_id}")
+                key = pace_key(self._settings, job.destination)
+                if self._pacer.room(key) <= 0:
+                    held.append(job)  # its smarthost is full (see _claim_rooms)
+                    continue
+                self._pacer.started(key)
+                task = asyncio.create_task(
+                    self._attempt(job, key), name=f"deliver {job.message_id}"
+                )
                 self._running.add(task)
                 task.add_done_callback(self._done)
-            if jobs and len(self._running) < cfg.max_connections:
+            if held:
+                await self._spool.release(r.id for job in held for r in job.recipients)
+            elif jobs and len(self._running) < cfg.max_connections:
                 continue  # there may be more due work that can start now
             await self._wait_for_work(cfg.poll_interval)
+
+    def _claim_rooms(self) -> tuple[dict[str, int], int, int]:
+        """Pacing's rooms per recipient domain, as the spool claims them: (named domains, any
+        other domain, the most units in all). A domain routed through a smarthost gets the
+        smarthost's room.
+
+        Several domains share one smarthost and the claim gives each domain its room, so it may
+        lease more than the smarthost can start now; `run` starts what pacing allows and gives
+        the rest back. With a `"*"` route every domain goes through a smarthost, so the claim
+        is capped at what the smarthosts can start together and nothing is over-claimed
+        unless several smarthosts are routed to.
+        """
+        cfg = self._settings.delivery
+        rooms, default = self._pacer.rooms()
+        by_domain = {
+            name: room for name, room in rooms.items()
+            if ":" not in name and cfg.route_for(name) is None  # a domain delivered by MX
+        }
+        smarthosts = {pace_key(self._settings, domain) for domain in cfg.routes}
+        for domain in cfg.routes:
+            by_domain[domain] = self._pacer.room(pace_key(self._settings, domain))
+        total = cfg.max_connections
+        if "*" in cfg.routes:
+            default = by_domain.pop("*")
+            total = sum(self._pacer.room(key) for key in smarthosts)
+        return by_domain, default, total
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -146,8 +192,9 @@ class DeliveryEngine:
         await drain(self._running, timeout)
         await self._connections.close()
 
-    async def _attempt(self, job: DeliveryJob) -> None:
-        result: SessionResult
+    async def _attempt(self, job: DeliveryJob, key: str) -> None:
+        """Run one job; `key` is the pacing destination it started under."""
+        result: SessionResult | NotAttempted
         unreachable = False
         try:
             result, unreachable = await asyncio.wait_for(
@@ -155,7 +202,7 @@ class DeliveryEngine:
             )
         except asyncio.CancelledError:
             # Shutdown cut the attempt short: the units go back, due now.
-            self._pacer.finished(job.destination, is_unreachable=False)
+            self._pacer.finished(key, is_unreachable=False)
             await asyncio.shield(self._spool.release(r.id for r in job.recipients))
             raise
         except TimeoutError:
@@ -163,17 +210,22 @@ class DeliveryEngine:
         except Exception:
             logger.exception("%s: delivery attempt failed inside Postroom", job.message_id)
             result = _failed(Reply(451, "4.3.0", "internal error during delivery"))
-        self._pacer.finished(job.destination, is_unreachable=unreachable)
-        outcomes = self._outcomes(job, result)
+        self._pacer.finished(key, is_unreachable=unreachable)
+        if isinstance(result, NotAttempted):
+            outcomes = [not_attempted(r.id, result.reason) for r in job.recipients]
+            relay = "none"
+        else:
+            outcomes = self._outcomes(job, result)
+            relay = f"{result.host}[{result.address}]" if result.host else "none"
         try:
             await self._spool.record_outcomes(job, outcomes)
         except StoreError as exc:
             # The lease expires and the units are tried again: at-least-once.
             logger.error("%s: cannot record outcomes: %s", job.message_id, exc)
             return
-        self._log(job, outcomes, result)
+        self._log(job, outcomes, relay)
 
-    async def _deliver(self, job: DeliveryJob) -> tuple[SessionResult, bool]:
+    async def _deliver(self, job: DeliveryJob) -> tuple[SessionResult | NotAttempted, bool]:
         """The attempt's result, and whether no host of the destination could be reached."""
         if job.is_test:
             # A test-mode key's message never leaves the machine: every recipient is recorded
@@ -184,10 +236,17 @@ class DeliveryEngine:
                 replies={r.id: _TEST_REPLY for r in job.recipients},
             ), False
         cfg = self._settings.delivery
+        if not job.content:
+            # Retention (or a damaged spool) removed the body of a unit still pending: there
+            # is nothing to send, now or later.
+            return NotAttempted("the stored message body is gone"), False
+        content = await self._sign(job)
+        if isinstance(content, NotAttempted):
+            return content, False
         envelope = Envelope(
             mail_from=self._mail_from(job),
             recipients=tuple((r.id, r.email) for r in job.recipients),
-            content=await self._sign(job),
+            content=content,
         )
         smarthost = cfg.route_for(job.destination)
         if smarthost is not None:
@@ -215,9 +274,12 @@ class DeliveryEngine:
                 unreachable = unreachable and _is_unreachable(last)
                 if last.failure is None:
                     return last, False
-                if last.failure.code >= 500:
-                    # A permanent refusal of the session is not the host's fault.
-                    return last, False
+                # A session-level failure (the greeting, EHLO, STARTTLS or MAIL refused, or no
+                # connection), even a 5xx, is this host's answer, not one about the recipient
+                # or the message: the next address and host are tried, as Postfix does
+                # (smtp_skip_5xx_greeting = yes). Replies to RCPT and after DATA are in
+                # `replies`, not `failure`, and stand at once. When every host refused, the
+                # last refusal stands: a 5xx bounces, anything else defers.
         assert last is not None
         return last, unreachable
 
@@ -228,8 +290,13 @@ class DeliveryEngine:
             return return_path
         return job.mail_from
 
-    async def _sign(self, job: DeliveryJob) -> bytes:
-        """The bytes to send: signed with the From domain's keys, or as stored when it has none."""
+    async def _sign(self, job: DeliveryJob) -> bytes | NotAttempted:
+        """The bytes to send: signed with the From domain's keys, or as stored when it has none.
+
+        A domain with keys that cannot sign (a broken key, a message dkimpy cannot parse) is not
+        sent unsigned: receivers enforcing the domain's DMARC policy would refuse or junk it,
+        and a retry signs no better.
+        """
         content = await self._with_unsubscribe(job)
         signer = await self._keys.signer_for(content)
         if signer is None:
@@ -237,8 +304,7 @@ class DeliveryEngine:
         try:
             return signer.sign(content)
         except DkimError as exc:
-            logger.warning("%s: sent unsigned: %s", job.message_id, exc)
-            return content
+            return NotAttempted(str(exc))
 
     async def _with_unsubscribe(self, job: DeliveryJob) -> bytes:
         """Marketing mail (one recipient per job) gets the one-click unsubscribe headers."""
@@ -295,8 +361,7 @@ class DeliveryEngine:
         return outcomes
 
     @staticmethod
-    def _log(job: DeliveryJob, outcomes: list[Outcome], result: SessionResult) -> None:
-        relay = f"{result.host}[{result.address}]" if result.host else "none"
+    def _log(job: DeliveryJob, outcomes: list[Outcome], relay: str) -> None:
         emails = {r.id: r.email for r in job.recipients}
         for outcome in outcomes:
             reply = outcome.reply
@@ -312,8 +377,19 @@ class DeliveryEngine:
             )
 
 
-def _limits(settings: Settings, destination: str) -> Limits:
-    dest = settings.delivery.destination(destination)
+def pace_key(settings: Settings, domain: str) -> str:
+    """The destination pacing counts a recipient domain's attempts under: the domain itself,
+    or `host:port` of the smarthost it is routed through (issue 6: "per destination —
+    recipient domain, or smarthost"), so that one smarthost's cap holds over all its domains."""
+    route = settings.delivery.route_for(domain)
+    return domain if route is None else f"{route.host.lower()}:{route.port}"
+
+
+def _limits(settings: Settings, key: str) -> Limits:
+    """A pacing destination's limits: a smarthost's come from `[delivery.destinations."HOST"]`
+    (its host name as written in the route), a domain's from its own entry."""
+    name = key.rpartition(":")[0] if ":" in key else key  # no domain name holds a ':'
+    dest = settings.delivery.destination(name)
     assert dest.max_connections is not None and dest.message_rate is not None
     return Limits(dest.max_connections, dest.message_rate)
 

@@ -42,7 +42,7 @@ _FROM_HEADER = re.compile(rb"^From[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.M
 
 
 class DkimError(Exception):
-    """A message or key that cannot be signed; the message goes out unsigned and it is logged."""
+    """A message or key that cannot be signed; the engine records the message `failed`."""
 
 
 # -- the fast RSA step ------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Owns the classification of SMTP replies (2xx delivered, 4xx deferred, 5xx bounced; an enhanced
 status code of class 4 defers whatever the basic code says, and so does `552` to RCPT), the retry
-schedule with `delivery.max_age`, and which bounces put the address on the suppression list. No
-I/O, no clock of its own: callers pass `now`.
+schedule with `delivery.max_age`, which bounces put the address on the suppression list, and the
+`failed` outcome of a unit Postroom cannot try. No I/O, no clock of its own: callers pass `now`.
 """
 
 from __future__ import annotations
@@ -97,4 +97,16 @@ def decide(
     return Outcome(
         recipient_id=recipient_id, status=status, reply=reply, due_at=due, data=data,
         suppress=suppress,
+    )
+
+
+def not_attempted(recipient_id: int, reason: str) -> Outcome:
+    """The outcome when Postroom itself cannot try the recipient at all (its message body is
+    gone, or the message cannot be signed): `failed`, final, never retried nor suppressed.
+
+    No host was asked, so the reply is Postroom's own (`5.3.0`) and `reason` says why.
+    """
+    return Outcome(
+        recipient_id=recipient_id, status=RecipientStatus.FAILED,
+        reply=Reply(554, "5.3.0", reason), due_at=None, data={"reason": reason},
     )

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
+import time
+from typing import Any
+
+from relay.dkim import generate_keys
 from store import Message, RecipientStatus, Source, Submission
 from tests.conftest import Running
 from tests.support import DnsServer, MxSink, wait_until
@@ -125,3 +131,62 @@ async def test_recipients_of_several_domains_are_separate_transactions(
     message = await settled(postroom, message_id)
     assert message.status.value == "delivered"
     assert sorted(r.rcpt_tos[0] for r in mx_sink.messages) == ["a@example.test", "b@other.test"]
+
+
+# -- units Postroom cannot try: failed, not retried ------------------------------------------
+
+
+async def test_a_pending_unit_whose_body_is_gone_fails(start: Any, mx_sink: MxSink):
+    postroom: Running = await start(delivery={"retry_schedule": ["1h"]})
+    mx_sink.script_rcpt("user@example.test", "451 4.2.0 Mailbox busy, try later")
+    message_id = await submit(postroom, "user@example.test")
+    await wait_until(
+        lambda: status_of(postroom, message_id, RecipientStatus.DEFERRED), message="not deferred"
+    )
+    # The body goes while the recipient waits (what a retention sweep does to a finished
+    # message; here a damaged or carelessly restored spool), then the retry comes.
+    with sqlite3.connect(postroom.service.settings.spool_path, timeout=10) as conn:
+        conn.execute(
+            "UPDATE messages SET body = X'', content_removed_at = ? WHERE id = ?",
+            (time.time(), message_id),
+        )
+    assert await postroom.spool.retry(message_id=message_id) == 1
+    message = await settled(postroom, message_id)
+    [rcpt] = message.recipients
+    assert rcpt.status is RecipientStatus.FAILED and rcpt.attempts == 2
+    assert [e.type.value for e in message.events] == [
+        "email.queued", "email.deferred", "email.failed",
+    ]
+    assert message.events[-1].data["reason"] == "the stored message body is gone"
+    assert mx_sink.messages == [] and mx_sink.sessions_total == 1  # nothing empty was sent
+
+    async with postroom.http(await postroom.new_key()) as client:
+        shown = (await client.get(f"/v1/messages/{message_id}")).json()
+    assert shown["status"] == "failed"
+    assert shown["recipients"][0]["status"] == "failed"
+    assert shown["events"][-1]["type"] == "email.failed"
+    assert shown["events"][-1]["data"]["reason"] == "the stored message body is gone"
+
+
+async def test_a_domain_whose_dkim_key_cannot_sign_fails_at_once(
+    postroom: Running, mx_sink: MxSink
+):
+    broken = dataclasses.replace(
+        generate_keys("acme.test", "s1", False, time.time()), rsa_key=b"not a key"
+    )
+    await postroom.spool.add_domain(broken)
+    message = await settled(postroom, await submit(postroom, "user@example.test"))
+    [rcpt] = message.recipients
+    assert rcpt.status is RecipientStatus.FAILED and rcpt.attempts == 1
+    assert rcpt.last_reply is not None and rcpt.last_reply.enhanced == "5.3.0"
+    assert message.status.value == "failed"
+    assert [e.type.value for e in message.events] == ["email.queued", "email.failed"]
+    assert message.events[-1].data["reason"].startswith("cannot sign for acme.test")
+    assert "not a key" not in message.events[-1].data["reason"]
+    assert mx_sink.sessions_total == 0  # never sent unsigned
+    assert await postroom.spool.suppression("user@example.test") is None
+
+
+async def status_of(postroom: Running, message_id: str, status: RecipientStatus) -> bool:
+    message = await postroom.spool.get_message(message_id)
+    return message.recipients[0].status is status

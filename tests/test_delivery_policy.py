@@ -175,6 +175,53 @@ async def test_fallback_to_the_next_mx_when_the_first_refuses(
     assert message.events[-1].data["mx"] == MX_HOST
 
 
+@pytest.fixture
+async def second_mx(dns: DnsServer, mx_sink: MxSink) -> AsyncIterator[MxSink]:
+    """two.test: preference 5 is `mx_sink` (127.0.0.1), preference 10 this sink (127.0.0.2)."""
+    dns.add_mx("two.test", MX_HOST, preference=5)
+    dns.add_mx("two.test", "backup.two.test", preference=10)
+    dns.add_a("backup.two.test", "127.0.0.2")
+    async with MxSink(hostname="backup.two.test", address="127.0.0.2", port=mx_sink.port) as sink:
+        yield sink
+
+
+def refuse(sink: MxSink, phase: str, reply: str) -> None:
+    if phase == "greeting":
+        sink.script_greeting(reply)
+    else:
+        sink.script_mail(reply)
+
+
+@pytest.mark.parametrize("phase", ["greeting", "mail"])
+async def test_a_5xx_session_refusal_falls_back_to_the_next_mx(
+    postroom: Running, mx_sink: MxSink, second_mx: MxSink, phase: str
+):
+    # As Postfix's smtp_skip_5xx_greeting: one host's refusal of the session is that host's
+    # answer, not the recipient's; the next MX is healthy.
+    refuse(mx_sink, phase, "554 5.1.1 Not accepting mail from you")
+    message = await until(postroom, await submit(postroom, "x@two.test"))
+    assert message.recipients[0].status is RecipientStatus.DELIVERED
+    assert message.events[-1].data["mx"] == "backup.two.test"
+    assert mx_sink.sessions_total == 1 and mx_sink.messages == []
+    assert [m.rcpt_tos for m in second_mx.messages] == [["x@two.test"]]
+    assert await postroom.spool.suppression("x@two.test") is None
+
+
+@pytest.mark.parametrize("phase", ["greeting", "mail"])
+async def test_when_every_mx_refuses_the_last_refusal_bounces(
+    postroom: Running, mx_sink: MxSink, second_mx: MxSink, phase: str
+):
+    refuse(mx_sink, phase, "554 5.7.1 First says no")
+    refuse(second_mx, phase, "550 5.7.1 Backup says no")
+    message = await until(postroom, await submit(postroom, "x@two.test"))
+    [rcpt] = message.recipients
+    assert rcpt.status is RecipientStatus.BOUNCED and rcpt.attempts == 1
+    assert rcpt.last_reply is not None
+    assert (rcpt.last_reply.code, rcpt.last_reply.text) == (550, "Backup says no")
+    assert mx_sink.sessions_total == 1 and second_mx.sessions_total == 1
+    assert mx_sink.messages == [] and second_mx.messages == []
+
+
 # -- TLS ----------------------------------------------------------------------------------------
 
 
@@ -291,6 +338,30 @@ async def test_per_destination_connection_cap_is_never_exceeded(
         await until(postroom, message_id)
     assert len(mx_sink.messages) == 12
     assert 1 <= mx_sink.max_concurrent_sessions <= 2
+
+
+@pytest.mark.parametrize("routed", ["*", "each domain", "override"])
+async def test_smarthost_connections_are_capped_across_recipient_domains(
+    start: Callable[..., Any], mx_sink: MxSink, routed: str
+):
+    # The destination of routed mail is the smarthost: its cap holds over all domains, and
+    # `[delivery.destinations."<route host>"]` overrides it.
+    async with MxSink(hostname="relay.test") as relay:
+        relay.data_delay = 0.2  # a slow smarthost: attempts overlap
+        route = {"host": "127.0.0.1", "port": relay.port, "tls": "opportunistic"}
+        domains = [f"d{i}.test" for i in range(8)]
+        routes = {d: route for d in domains} if routed == "each domain" else {"*": route}
+        pacing: dict[str, Any] = {"max_connections_per_destination": 2}
+        if routed == "override":
+            pacing = {"destinations": {"127.0.0.1": {"max_connections": 2}}}
+        postroom = await start(delivery={"routes": routes, **pacing})
+        ids = [await submit(postroom, f"user@{d}") for d in domains]
+        for message_id in ids:
+            message = await until(postroom, message_id)
+            assert message.recipients[0].status is RecipientStatus.DELIVERED
+        assert len(relay.messages) == 8
+        assert relay.max_concurrent_sessions == 2
+    assert mx_sink.sessions_total == 0
 
 
 async def test_one_slow_domain_does_not_slow_another(

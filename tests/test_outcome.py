@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.outcome import classify, decide, make_reply, next_attempt
+from relay.outcome import classify, decide, make_reply, next_attempt, not_attempted
 from store import RecipientStatus, Reply
 
 SCHEDULE = [30.0, 300.0, 1800.0, 7200.0, 18000.0]
@@ -82,3 +82,11 @@ def test_deferral_past_max_age_bounces():
     late = decide(1, 0, reply, SCHEDULE, 200.0, expires_at=200.0)
     assert late.status is RecipientStatus.BOUNCED and late.data["reason"] == "message expired"
     assert not late.suppress
+
+
+def test_a_unit_postroom_cannot_try_fails_for_good():
+    outcome = not_attempted(7, "the stored message body is gone")
+    assert outcome.status is RecipientStatus.FAILED and outcome.status.is_final
+    assert outcome.due_at is None and not outcome.suppress
+    assert outcome.reply == Reply(554, "5.3.0", "the stored message body is gone")
+    assert outcome.data == {"reason": "the stored message body is gone"}

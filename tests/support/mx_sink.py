@@ -54,6 +54,8 @@ class _Handler:
         return reply or "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.sink.data_delay:
+            await asyncio.sleep(self.sink.data_delay)  # a slow MX: sessions overlap
         reply = _pop(self.sink._data_script)
         if reply and not reply.startswith("2"):
             return reply
@@ -80,6 +82,13 @@ class _SinkSMTP(SMTP):
     def __init__(self, sink: MxSink, **kwargs: Any) -> None:
         super().__init__(_Handler(sink), **kwargs)
         self.sink = sink
+        self._is_greeted = False
+
+    async def push(self, status: Any) -> None:
+        if not self._is_greeted:  # the first line of a session is aiosmtpd's 220 greeting
+            self._is_greeted = True
+            status = _pop(self.sink._greeting_script) or status
+        await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # not the second call that follows STARTTLS
@@ -92,7 +101,7 @@ class _SinkSMTP(SMTP):
 
 
 class MxSink:
-    """SMTP server on 127.0.0.1:<ephemeral>, run in the current event loop.
+    """SMTP server on 127.0.0.1:<ephemeral> (or `address`:`port`), run in the current loop.
 
     Accepts any recipient; `messages` holds a `Received` per accepted message. Scripted replies
     are consumed one per matching command, then normal acceptance resumes; a 2xx scripted reply
@@ -107,18 +116,25 @@ class MxSink:
         data_size_limit: int | None = 64 * 1024 * 1024,
         smtputf8: bool = True,
         authenticator: Any = None,
+        address: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.hostname = hostname
+        #: Where to listen: another 127.0.0.x with an existing sink's port is a second MX host.
+        self.address = address
         #: aiosmtpd authenticator; when set, AUTH (after STARTTLS) is required to send.
         self.authenticator = authenticator
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
         self.smtputf8 = smtputf8
-        self.port = 0
+        self.port = port
+        #: Seconds each DATA waits before its reply (a slow MX whose sessions overlap).
+        self.data_delay = 0.0
         self.messages: list[Received] = []
         self.sessions_total = 0
         self.max_concurrent_sessions = 0
         self._live: set[_SinkSMTP] = set()
+        self._greeting_script: deque[str] = deque()
         self._mail_script: deque[str] = deque()
         self._rcpt_scripts: dict[str, deque[str]] = {}
         self._data_script: deque[str] = deque()
@@ -126,6 +142,10 @@ class MxSink:
         self._server: asyncio.Server | None = None
 
     # -- scripting ---------------------------------------------------------------------------
+
+    def script_greeting(self, *replies: str) -> None:
+        """Greetings for the next sessions instead of 220, e.g. "554 5.7.1 go away"."""
+        self._greeting_script.extend(replies)
 
     def script_mail(self, *replies: str) -> None:
         """Replies for the next MAIL FROM commands, in order, e.g. "421 4.7.0 go away"."""
@@ -147,7 +167,7 @@ class MxSink:
 
     async def start(self) -> MxSink:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, "127.0.0.1", 0)
+        self._server = await loop.create_server(self._protocol, self.address, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -204,6 +224,7 @@ class MxSink:
                 await self._changed.wait_for(lambda: len(self.messages) >= n)
         except TimeoutError:
             pending = len(self._mail_script) + len(self._data_script)
+            pending += len(self._greeting_script)
             pending += sum(len(q) for q in self._rcpt_scripts.values())
             raise TimeoutError(
                 f"MxSink {self.hostname} (port {self.port}) has {len(self.messages)} of {n} "
