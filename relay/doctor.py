@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
-import ipaddress
 import socket
 import ssl
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from config import Settings, parse_address
 from relay.dkim import txt_records
+from relay.domains import spf_match, spf_records
 from relay.mx import Lookup, build_resolver, lookup
 from store import DomainKeys, SpoolHealth, StoreError, inspect_spool
 
@@ -402,38 +402,26 @@ def judge_dkim(keys: DomainKeys, found: dict[str, Lookup]) -> Check:
 def judge_spf(domain: str, hostname: str, addresses: Sequence[str], answer: Lookup) -> Check:
     """One SPF record, naming this host (a:hostname, or ip4/ip6 holding one of its addresses).
 
-    No SPF evaluation here: `include:`, `mx` and `redirect=` are named for the operator to
-    check, not followed.
+    The terms are matched as `postroom domains verify` matches them (relay/domains.py
+    `spf_match`), without following: `include:`, `mx` and `redirect=` are named for the
+    operator to check.
     """
     name = f"spf {domain}"
     if answer.error is not None:
         return warn(name, answer.error)
-    records = [v for v in answer.values if v.lower() == "v=spf1" or v.lower().startswith("v=spf1 ")]
+    records = spf_records(answer.values)
     if not records:
         return warn(name, f"no SPF record at {domain}: receivers cannot tell that this host "
                           "may send its mail")
     if len(records) > 1:
         return fail(name, f"{len(records)} SPF records at {domain}: a permerror (RFC 7208 §4.5)")
     host = hostname.lower().rstrip(".")
-    ips = [ipaddress.ip_address(a) for a in addresses]
-    indirect = []
-    for term in records[0].split()[1:]:
-        term = term.lower().lstrip("+")
-        mechanism, _, value = term.partition(":")
-        if mechanism == "a" and (value or domain) == host:
-            return ok(name, f"names this host ({term})")
-        if mechanism in ("ip4", "ip6") and value:
-            try:
-                network = ipaddress.ip_network(value, strict=False)
-            except ValueError:
-                continue
-            if any(ip.version == network.version and ip in network for ip in ips):
-                return ok(name, f"names this host ({term})")
-        elif mechanism in ("include", "mx", "a", "exists") or term.startswith("redirect="):
-            indirect.append(term)
-    if indirect:
+    match = spf_match(domain, records[0], hostname, addresses)
+    if match.is_match:
+        return ok(name, f"names this host ({match.term})")
+    if match.unchecked:
         return warn(name, f"does not name {host} directly: check that "
-                          f"{', '.join(indirect)} covers it")
+                          f"{', '.join(match.unchecked)} covers it")
     return warn(name, f"does not cover {host} or its addresses")
 
 

@@ -889,6 +889,7 @@ class RecordStatus(StrEnum):
     OK = "ok"
     MISSING = "missing"
     WRONG = "wrong"
+    UNKNOWN = "unknown"  # the lookup failed (timeout, SERVFAIL): not known to be missing
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,8 +82,12 @@ def test_judge_port(error: int | None, probe: Probe | None, status: Status, word
         ("v=spf1 ip4:198.51.100.1 -all", Status.WARN, "does not cover postroom.test"),
         ("v=spf1 include:_spf.mail.test mx -all", Status.WARN, "include:_spf.mail.test, mx"),
         ("-a:postroom.test v=spf1", Status.WARN, "no SPF record"),
+        ("v=spf1 a:notpostroom.test -all", Status.WARN, "check that a:notpostroom.test"),
+        ("v=spf1 -a:postroom.test ~all", Status.WARN, "does not cover postroom.test"),
+        ("v=spf1 -all a:postroom.test", Status.WARN, "does not cover postroom.test"),
     ],
-    ids=["a", "ip4", "ip6", "other-ip", "indirect", "not-spf"],
+    ids=["a", "ip4", "ip6", "other-ip", "indirect", "not-spf", "other-name", "fail-qualified",
+         "after-all"],
 )
 def test_judge_spf(record: str, status: Status, words: str):
     check = judge_spf("acme.test", HOST, ["192.0.2.7", "2001:db8::7"], Lookup((record,)))

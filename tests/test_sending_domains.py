@@ -127,19 +127,68 @@ async def test_unconfigured_from_domain_is_refused_on_both_doors(start):
     assert len(messages) == 2  # the batch's acme.test item and the SMTP one; nothing else
 
 
+INCLUDED = {
+    "_spf.acme.test": ["v=spf1 ip4:192.0.2.0/24 ~all"],
+    "_spf.other.test": ["v=spf1 a:mail.other.test -all"],
+}
+
+
 @pytest.mark.parametrize(
-    ("found", "status"),
+    ("found", "status", "detail"),
     [
-        ([], RecordStatus.MISSING),
-        (["v=spf1 a:postroom.test ~all"], RecordStatus.OK),
-        (["v=spf1 include:_spf.postroom.test -all", "other"], RecordStatus.OK),
-        (["v=spf1 mx -all"], RecordStatus.WRONG),
-        (["v=spf1 a:postroom.test ~all", "v=spf1 -all"], RecordStatus.WRONG),
+        ([], RecordStatus.MISSING, ""),
+        (["v=spf1 a:postroom.test ~all"], RecordStatus.OK, ""),
+        (["v=spf1 +a:Postroom.Test/24 -all", "other"], RecordStatus.OK, ""),
+        (["v=spf1 ip4:192.0.2.7 -all"], RecordStatus.OK, ""),
+        (["v=spf1 a:notpostroom.test ~all"], RecordStatus.WRONG,
+         "does not name postroom.test: check that a:notpostroom.test covers it"),
+        (["v=spf1 a:postroom.test.evil.test ~all"], RecordStatus.WRONG, "does not name"),
+        (["v=spf1 ip4:198.51.100.0/24 ~all"], RecordStatus.WRONG, "does not name"),
+        (["v=spf1 -a:postroom.test ~all"], RecordStatus.WRONG, "does not name"),
+        (["v=spf1 -all a:postroom.test"], RecordStatus.WRONG, "does not name"),
+        (["v=spf1 include:_spf.acme.test -all"], RecordStatus.OK,
+         "through include:_spf.acme.test (ip4:192.0.2.0/24)"),
+        (["v=spf1 redirect=_spf.acme.test"], RecordStatus.OK,
+         "through redirect=_spf.acme.test (ip4:192.0.2.0/24)"),
+        (["v=spf1 include:_spf.other.test -all"], RecordStatus.WRONG, "does not name"),
+        (["v=spf1 include:_spf.unasked.test mx -all"], RecordStatus.WRONG,
+         "check that include:_spf.unasked.test, mx covers it"),
+        (["v=spf1 a:postroom.test ~all", "v=spf1 -all"], RecordStatus.WRONG,
+         "2 SPF records"),
     ],
 )
-def test_spf_judgement(found: list[str], status: RecordStatus):
+def test_spf_judgement(found: list[str], status: RecordStatus, detail: str):
     expected = DnsRecord("TXT", "acme.test", "v=spf1 a:postroom.test ~all")
-    assert judge(expected, found, "postroom.test").status is status
+    judged = judge(expected, found, "postroom.test", ["192.0.2.7"], INCLUDED)
+    assert judged.status is status
+    assert detail in judged.detail
+
+
+async def test_verify_tells_an_unanswered_lookup_from_a_missing_record(start, dns: DnsServer):
+    postroom: Running = await start(**STRICT)
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        created = await http.post("/v1/domains", json={"name": "acme.test"})
+        dkim_record, _, dmarc = created.json()["records"]
+        dns.add_txt(dkim_record["name"], dkim_record["value"])
+        # SPF through an include to this host's address; DMARC's name answers SERVFAIL.
+        dns.add_a("postroom.test", "192.0.2.7")
+        dns.add_txt("acme.test", "v=spf1 a:notpostroom.test include:_spf.acme.test -all")
+        dns.add_txt("_spf.acme.test", "v=spf1 ip4:192.0.2.0/24 ~all")
+        dns.set_servfail(dmarc["name"])
+        checked = (await http.post("/v1/domains/acme.test/verify")).json()
+        assert [r["status"] for r in checked["records"]] == ["ok", "ok", "unknown"]
+        assert checked["verified"] is False
+        assert "SERVFAIL" in checked["records"][2]["detail"]
+        assert "include:_spf.acme.test" in checked["records"][1]["detail"]
+
+        # The include no longer covers this host; DMARC answers and is not published.
+        dns.remove("_spf.acme.test")
+        dns.add_txt("_spf.acme.test", "v=spf1 ip4:198.51.100.0/24 ~all")
+        dns.remove(dmarc["name"])
+        checked = (await http.post("/v1/domains/acme.test/verify")).json()
+        assert [r["status"] for r in checked["records"]] == ["ok", "wrong", "missing"]
+        assert "does not name postroom.test" in checked["records"][1]["detail"]
 
 
 def test_cli_domains_list_show_verify_remove(
@@ -152,16 +201,18 @@ def test_cli_domains_list_show_verify_remove(
     ).stdout)
     for record in added["records"][:1]:
         dns.add_txt(record["name"], record["value"])
+    dns.set_servfail("_dmarc.acme.test")
     [listed] = json.loads(postroom_cli(config, "domains", "list", "--json").stdout)
     assert listed["default_sender_name"] == "Acme" and "PRIVATE" not in json.dumps(listed)
     shown = json.loads(postroom_cli(config, "domains", "show", "acme.test", "--json").stdout)
     assert shown["records"] == added["records"]
     verified = postroom_cli(config, "domains", "verify", "acme.test", "--json", check=False)
-    assert verified.returncode == 1  # SPF and DMARC are missing
+    assert verified.returncode == 1  # SPF is missing; DMARC could not be looked up
     statuses = [r["status"] for r in json.loads(verified.stdout)["records"]]
-    assert statuses == ["ok", "missing", "missing"]
+    assert statuses == ["ok", "missing", "unknown"]
     human = postroom_cli(config, "domains", "verify", "acme.test", check=False).stdout
-    assert "_dmarc.acme.test. TXT" in human and "; missing" in human
+    assert "acme.test. TXT" in human and "; missing" in human
+    assert "_dmarc.acme.test. TXT" in human and "; unknown" in human and "SERVFAIL" in human
     assert "removed acme.test" in postroom_cli(config, "domains", "remove", "acme.test").stdout
     gone = postroom_cli(config, "domains", "show", "acme.test", check=False)
     assert gone.returncode == 1 and "no sending domain" in gone.stderr
