@@ -23,7 +23,13 @@ from api.auth import authenticate
 from api.errors import ApiError, Conflict, Detail, ValidationFailed, from_validation_error
 from api.events import parse_limit
 from api.messages import read_json
-from api.models import MessageChangeOut, MessagePageOut, MessagePatch, MessageSummaryOut
+from api.models import (
+    MessageChangeOut,
+    MessagePageOut,
+    MessagePatch,
+    MessageSummaryOut,
+    refuse_unencodable,
+)
 from api.types import AppState
 from store import (
     NEWEST,
@@ -141,6 +147,7 @@ async def patch_message(request: Request) -> JSONResponse:
     body = await read_json(request, _MAX_BODY)
     if not isinstance(body, dict):
         raise ValidationFailed("the request body must be a JSON object")
+    refuse_unencodable(body)
     try:
         patch = MessagePatch.model_validate(body)
     except ValidationError as exc:

@@ -37,7 +37,6 @@ from api.errors import (
     from_validation_error,
 )
 from api.models import (
-    UNENCODABLE,
     AcceptedOut,
     CompatSendRequest,
     MessageOut,
@@ -45,7 +44,7 @@ from api.models import (
     check_idempotency_key,
     mailbox_address,
     parse_mailbox,
-    unencodable_paths,
+    refuse_unencodable,
 )
 from api.template_engine import RenderError, render
 from api.types import AppState
@@ -140,12 +139,6 @@ def idempotency_key_of(body: object, header: str | None) -> IdempotencyKey | Non
             return None  # validation names the field
         return IdempotencyKey(in_body, fingerprint(body))
     return None
-
-
-def refuse_unencodable(body: object) -> None:
-    """422 naming every field that holds a string UTF-8 cannot encode (a lone surrogate)."""
-    if paths := unencodable_paths(body):
-        raise ValidationFailed(details=[Detail(path, UNENCODABLE) for path in paths])
 
 
 def check_limits(send: SendRequest, settings: Settings, now: float) -> None:

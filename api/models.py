@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from api.errors import Detail, ValidationFailed
 from store import (
     ALL_EVENTS,
     AttemptResult,
@@ -100,6 +101,17 @@ def unencodable_paths(body: object) -> list[str]:
 
 
 UNENCODABLE = "must be valid Unicode text (a lone surrogate such as \\ud800 is not)"
+
+
+def refuse_unencodable(body: object) -> None:
+    """422 naming every field that holds a string UTF-8 cannot encode (a lone surrogate).
+
+    Every route that reads a JSON body calls this before its model sees the body: pydantic
+    refuses a surrogate in some `str` fields with a message that names no cause, accepts it in
+    others (`str | None`, dict keys), and what it accepts fails at the first render.
+    """
+    if paths := unencodable_paths(body):
+        raise ValidationFailed(details=[Detail(path, UNENCODABLE) for path in paths])
 
 
 def normalise_address(value: str) -> str:

@@ -22,6 +22,7 @@ from api.models import (
     WebhookOut,
     WebhookPatch,
     WebhookSecretOut,
+    refuse_unencodable,
 )
 from api.types import AppState, WebhookGateway
 from store import NewWebhook, Scope, WebhookChange
@@ -55,9 +56,12 @@ def _gateway(state: AppState) -> WebhookGateway:
 
 
 async def _body(request: Request, model: type[M]) -> M:
+    """A JSON object body as `model`: the one reader of the webhook, template, domain and
+    suppression routes. A lone surrogate anywhere in it is a 422 naming its path."""
     body = await read_json(request, _MAX_BODY)
     if not isinstance(body, dict):
         raise ValidationFailed("the request body must be a JSON object")
+    refuse_unencodable(body)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
