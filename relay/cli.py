@@ -832,7 +832,7 @@ def parse_suppression_csv(
             if len(cells) > 3:
                 raise ValueError("more than 3 columns (email, reason, expires_at)")
             address = normalise_address(cells[0]).lower()
-            reason = SuppressionReason(cells[1] if len(cells) > 1 and cells[1] else "manual")
+            reason = _import_reason(cells[1] if len(cells) > 1 and cells[1] else "manual")
             expiry = _parse_expiry(cells[2]) if len(cells) > 2 and cells[2] else None
         except ValueError as exc:
             rejected.append((number, text, str(exc)))
@@ -841,8 +841,17 @@ def parse_suppression_csv(
     return entries, rejected
 
 
+def _import_reason(value: str) -> SuppressionReason:
+    try:
+        return SuppressionReason(value)
+    except ValueError:
+        names = ", ".join(r.value for r in SuppressionReason)
+        raise ValueError(f"reason {value!r} is not one of {names}") from None
+
+
 @suppressions.command("import")
-@click.argument("path", type=click.File("r", encoding="utf-8"))
+# utf-8-sig: spreadsheet CSV exports (Excel) start with a BOM, which would stick to the header.
+@click.argument("path", type=click.File("r", encoding="utf-8-sig"))
 @click.pass_context
 def suppressions_import(ctx: click.Context, path: Any) -> None:
     """Import a CSV of `email[,reason[,expires_at]]`; reports the lines it rejects."""

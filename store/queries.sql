@@ -780,3 +780,24 @@ DELETE FROM templates WHERE id = :ref OR name = :ref;
 -- Outbox rows owed to enabled endpoints (pending or leased): read from the partial index alone,
 -- so a scrape costs the backlog's size, never the outbox's.
 SELECT count(*) AS rows FROM webhook_outbox WHERE due_at IS NOT NULL;
+
+-- ==== data lifecycle: expired suppressions ====
+
+-- name: suppression_window
+-- The next `limit` suppression rows in rowid order after :after: one sweep batch looks at this
+-- window only, so it touches at most `retention.batch_size` rows whether or not they expired.
+-- (A VACUUM may renumber rowids mid-sweep; a row skipped that way expires on the next sweep.)
+SELECT count(*) AS rows, max(rowid) AS last FROM (
+    SELECT rowid FROM suppressions WHERE rowid > :after ORDER BY rowid LIMIT :limit
+);
+
+-- name: delete_expired_in_window
+DELETE FROM suppressions
+WHERE rowid > :after AND rowid <= :last AND expires_at IS NOT NULL AND expires_at <= :now
+RETURNING email, reason;
+
+-- name: delete_expired_suppression
+-- The address's entry if it has expired: taken off (with its event) before a new one is added.
+DELETE FROM suppressions
+WHERE email = :email AND expires_at IS NOT NULL AND expires_at <= :now
+RETURNING reason;

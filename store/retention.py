@@ -2,21 +2,32 @@
 
 Owns what `retention.*` removes: the bodies of finished messages past `content_days` (the row
 stays, with `content_removed_at` set), finished messages with every row that belongs to them past
-`metadata_days`, and events, webhook attempts and idempotency keys past it too. A sweep is a
-sequence of small batches, one writer job each (`sweep_job`), walking indexes with a cursor, so
-it never holds the writer long and never re-reads what it already passed.
+`metadata_days`, and events, webhook attempts and idempotency keys past it too; last, whatever
+the policy, suppressions whose `expires_at` passed (each with its `suppression.deleted`, written
+by store/suppressions.py). A sweep is a sequence of small batches, one writer job each
+(`sweep_job`), walking indexes with a cursor, so it never holds the writer long and never
+re-reads what it already passed.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 
-from store import queue
+from store import queue, suppressions
 from store.records import RecipientStatus, RetentionPolicy, SweepCursor, SweepStep
 from store.sql import Q
 
-_CONTENT, _MESSAGES, _EVENTS, _DONE = 0, 1, 2, 3
+_CONTENT, _MESSAGES, _EVENTS, _SUPPRESSIONS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """One sweep batch: its step, and the suppressions it expired (logged after the commit)."""
+
+    step: SweepStep
+    expired: tuple[suppressions.Change, ...] = ()
 
 
 def sweep_job(
@@ -25,27 +36,35 @@ def sweep_job(
     cursor: SweepCursor,
     limit: int,
     now: float,
-) -> SweepStep:
+) -> Swept:
     """One batch of the sweep's current phase; the next phase once this one is exhausted."""
     phase = cursor.phase
+    if phase == _SUPPRESSIONS:
+        # Not a retention period: an entry ends at its own `expires_at`, so this phase always runs.
+        expired = suppressions.expire_job(conn, cursor.after_seq, limit, now)
+        after = expired.next_after
+        rest = None if after is None else SweepCursor(_SUPPRESSIONS, after_seq=after)
+        return Swept(SweepStep(len(expired.changes), rest), expired.changes)
     if phase == _CONTENT:
         if policy.content_before is None:
-            return SweepStep(0, SweepCursor(_MESSAGES))
-        return _remove_contents(conn, policy.content_before, cursor, limit, now)
+            return Swept(SweepStep(0, SweepCursor(_MESSAGES)))
+        return Swept(_remove_contents(conn, policy.content_before, cursor, limit, now))
     if policy.metadata_before is None:
-        return SweepStep(0, None)
+        return Swept(SweepStep(0, SweepCursor(_SUPPRESSIONS)))
     cutoff = policy.metadata_before
     if phase == _MESSAGES:
-        batch = queue.purge_job(conn, None, cutoff, cursor.after_seq, limit)
-        if batch.next_after is None:
-            return SweepStep(batch.removed, SweepCursor(_EVENTS))
-        return SweepStep(batch.removed, SweepCursor(_MESSAGES, after_seq=batch.next_after))
+        purged = queue.purge_job(conn, None, cutoff, cursor.after_seq, limit)
+        if purged.next_after is None:
+            return Swept(SweepStep(purged.removed, SweepCursor(_EVENTS)))
+        return Swept(
+            SweepStep(purged.removed, SweepCursor(_MESSAGES, after_seq=purged.next_after))
+        )
     params = {"cutoff": cutoff, "limit": limit}
     conn.execute(Q["delete_outbox_of_events_before"], params)
     removed = conn.execute(Q["delete_events_before"], params).rowcount
     removed += conn.execute(Q["delete_webhook_attempts_before"], params).rowcount
     removed += conn.execute(Q["delete_idempotency_before"], params).rowcount
-    return SweepStep(removed, cursor if removed else None)
+    return Swept(SweepStep(removed, cursor if removed else SweepCursor(_SUPPRESSIONS)))
 
 
 def _remove_contents(

@@ -808,9 +808,13 @@ class Spool:
     ) -> SweepStep:
         """One batch of a retention sweep (store/retention.py); go on from `SweepStep.next`."""
         at = time.time() if now is None else now
-        return await self._writer.run(
+        swept = await self._writer.run(
             lambda conn: retention.sweep_job(conn, policy, cursor, limit, at)
         )
+        if swept.expired:  # each expired suppression wrote a `suppression.deleted`
+            suppressions.log_changes(swept.expired)
+            self.notify_events()
+        return swept.step
 
     # -- operations: encryption at rest -------------------------------------------------------
 
@@ -936,16 +940,20 @@ class Spool:
 
     async def add_suppressions(self, entries: Sequence[NewSuppression]) -> list[bool]:
         """Suppress addresses; for each, whether it was new (False: already suppressed)."""
-        added = await self._writer.run(
+        applied = await self._writer.run(
             lambda conn: suppressions.add_job(conn, entries, time.time())
         )
-        if any(added):
+        suppressions.log_changes(applied.changes)
+        if applied.changes:
             self.notify_events()
-        return added
+        return list(applied.added)
 
     async def remove_suppression(self, email: str) -> None:
         """Take an address off the list (`suppression.deleted`); NotFound when it is not on it."""
-        await self._writer.run(lambda conn: suppressions.remove_job(conn, email, time.time()))
+        removed = await self._writer.run(
+            lambda conn: suppressions.remove_job(conn, email, time.time())
+        )
+        suppressions.log_changes([removed])
         self.notify_events()
 
     async def get_suppression(self, email: str) -> Suppression:
@@ -961,12 +969,13 @@ class Spool:
 
     async def unsubscribe(self, message_id: str, email: str) -> bool:
         """Record a one-click unsubscribe; whether the address was newly suppressed."""
-        added = await self._writer.run(
+        applied = await self._writer.run(
             lambda conn: suppressions.unsubscribe_job(conn, message_id, email, time.time())
         )
-        if added:
+        suppressions.log_unsubscribed(applied, message_id)
+        if applied.changes:
             self.notify_events()
-        return added
+        return applied.added[0]
 
     async def unsubscribe_secret(self) -> bytes:
         """The key of unsubscribe tokens, generated with the spool (migration 0005)."""

@@ -1,15 +1,19 @@
 """The suppression list: who Postroom no longer sends to, and why.
 
-Owns adding (by hand, by import, by a one-click unsubscribe) and removing entries, each change
-with its event (`suppression.created`, `suppression.deleted`, `email.unsubscribed`) in the same
-writer job, and the paged read of `GET /v1/suppressions`. Intake applies the list (store/intake.py);
-hard bounces are added by the delivery write (store/spool.py).
+Owns adding (by hand, by import, by a one-click unsubscribe), removing and expiring entries,
+each change with its event (`suppression.created`, `suppression.deleted`, `email.unsubscribed`)
+in the same writer job, the one log line of each change once it committed, and the paged read of
+`GET /v1/suppressions`. Intake applies the list (store/intake.py); hard bounces are added by the
+delivery write (store/spool.py); the retention sweep takes expired entries off (store/retention.py).
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 import aiosqlite
 
@@ -25,15 +29,78 @@ from store.records import (
 )
 from store.sql import Q
 
+logger = logging.getLogger(__name__)
 
-def add_job(
-    conn: sqlite3.Connection, entries: Sequence[NewSuppression], now: float
-) -> list[bool]:
-    """Add entries; for each, whether it was added (False: the address was already suppressed)."""
+
+class Action(StrEnum):
+    """What happened to an entry; the `action=` of its log line."""
+
+    ADDED = "added"
+    REMOVED = "removed"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change a writer job made to the list, logged once the job committed."""
+
+    email: str
+    reason: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What an add job did: for each entry whether it was added, and every change it made."""
+
+    added: tuple[bool, ...]
+    changes: tuple[Change, ...]
+
+
+def log_changes(changes: Iterable[Change]) -> None:
+    """One line per change (after the commit): the address, its reason, what happened."""
+    for change in changes:
+        logger.info(
+            "suppression: %s reason=%s action=%s", change.email, change.reason, change.action.value
+        )
+
+
+def log_unsubscribed(applied: Applied, message_id: str | None) -> None:
+    """The line of a one-click unsubscribe that added the address (Postfix style: queue id first).
+
+    The entry it adds is not logged a second time as `action=added`: one line per transition.
+    """
+    for change in applied.changes:
+        if change.action is Action.ADDED:
+            logger.info("%s: to=<%s> status=unsubscribed", message_id or "-", change.email)
+        else:
+            log_changes([change])
+
+
+def expired_event(email: str, reason: str) -> NewEvent:
+    """`suppression.deleted` for an entry whose `expires_at` passed: the API's shape, plus
+    `expired: true`."""
+    data: dict[str, object] = {"email": email, "reason": reason, "expired": True}
+    return NewEvent(EventType.SUPPRESSION_DELETED, None, email, data)
+
+
+def add_job(conn: sqlite3.Connection, entries: Sequence[NewSuppression], now: float) -> Applied:
+    """Add entries; for each, whether it was added (False: the address was already suppressed).
+
+    An expired entry still in the table (the sweep has not reached it) is taken off first, with
+    its own `suppression.deleted`, so the event log shows it ending before the new one begins.
+    """
     added = []
+    changes = []
     events = []
     for entry in entries:
         address = entry.email.lower()
+        old = conn.execute(
+            Q["delete_expired_suppression"], {"email": address, "now": now}
+        ).fetchone()
+        if old is not None:
+            events.append(expired_event(address, old[0]))
+            changes.append(Change(address, old[0], Action.EXPIRED))
         cur = conn.execute(
             Q["upsert_suppression"],
             {
@@ -46,6 +113,7 @@ def add_job(
         )
         added.append(cur.rowcount > 0)
         if cur.rowcount > 0:
+            changes.append(Change(address, entry.reason.value, Action.ADDED))
             data: dict[str, object] = {"email": address, "reason": entry.reason.value}
             if entry.message_id:
                 data["message_id"] = entry.message_id
@@ -53,10 +121,10 @@ def add_job(
                 NewEvent(EventType.SUPPRESSION_CREATED, _message_seq(conn, entry), address, data)
             )
     append_events(conn, events, now)
-    return added
+    return Applied(tuple(added), tuple(changes))
 
 
-def remove_job(conn: sqlite3.Connection, email: str, now: float) -> None:
+def remove_job(conn: sqlite3.Connection, email: str, now: float) -> Change:
     address = email.lower()
     row = conn.execute(Q["delete_suppression"], {"email": address}).fetchone()
     if row is None:
@@ -70,15 +138,17 @@ def remove_job(conn: sqlite3.Connection, email: str, now: float) -> None:
         ],
         now,
     )
+    return Change(address, row[0], Action.REMOVED)
 
 
 def unsubscribe_job(
     conn: sqlite3.Connection, message_id: str, email: str, now: float
-) -> bool:
-    """Suppress `email` for marketing mail after a one-click unsubscribe; whether it was new."""
+) -> Applied:
+    """Suppress `email` for marketing mail after a one-click unsubscribe; `added` says whether
+    it was new."""
     entry = NewSuppression(email, SuppressionReason.UNSUBSCRIBE, message_id=message_id)
-    [added] = add_job(conn, [entry], now)
-    if added:
+    applied = add_job(conn, [entry], now)
+    if applied.added[0]:
         append_events(
             conn,
             [
@@ -91,7 +161,31 @@ def unsubscribe_job(
             ],
             now,
         )
-    return added
+    return applied
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """One window of the expiry sweep: the entries it took off, and the last rowid it looked
+    at (None: the window was not full, the table is done)."""
+
+    changes: tuple[Change, ...]
+    next_after: int | None
+
+
+def expire_job(conn: sqlite3.Connection, after: int, limit: int, now: float) -> Expired:
+    """Take expired entries off among the next `limit` rows after rowid `after`, one
+    `suppression.deleted` each, in this job's transaction (a sweep batch, store/retention.py)."""
+    window = conn.execute(Q["suppression_window"], {"after": after, "limit": limit}).fetchone()
+    if not window["rows"]:
+        return Expired((), None)
+    last = int(window["last"])
+    rows = conn.execute(
+        Q["delete_expired_in_window"], {"after": after, "last": last, "now": now}
+    ).fetchall()
+    changes = tuple(Change(row["email"], row["reason"], Action.EXPIRED) for row in rows)
+    append_events(conn, [expired_event(c.email, c.reason) for c in changes], now)
+    return Expired(changes, last if window["rows"] >= limit else None)
 
 
 def _message_seq(conn: sqlite3.Connection, entry: NewSuppression) -> int | None:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from typing import Any
 
+import pytest
+
 from config import Settings
 from relay.retention import DAY, RetentionSweeper, policy_at
-from store import EventFilter, MessageStatus, NewSuppression, Source, Submission
+from store import (
+    EventFilter,
+    EventType,
+    MessageStatus,
+    NewSuppression,
+    Source,
+    Submission,
+    SuppressionReason,
+)
 from tests.conftest import Running
-from tests.support import MxSink, wait_until
+from tests.support import MxSink, WebhookSink, wait_until
 
 CONTENT = b"From: app@acme.test\r\nSubject: hi\r\n\r\nthe secret body\r\n"
 
@@ -104,3 +115,74 @@ async def test_store_content_false_drops_the_body_when_final_at_intake_or_cancel
     stored = bodies(running)
     assert [stored[m] for m in (suppressed, by_api, by_id, by_domain)] == [b""] * 4
     assert b"the secret body" in stored[kept]  # not final: its body stays
+
+
+def suppression_rows(running: Running) -> list[str]:
+    with sqlite3.connect(running.service.settings.spool_path) as conn:
+        return [e for (e,) in conn.execute("SELECT email FROM suppressions ORDER BY email")]
+
+
+def outbox_recipients(running: Running, event_type: EventType) -> list[str]:
+    with sqlite3.connect(running.service.settings.spool_path) as conn:
+        return [r for (r,) in conn.execute(
+            "SELECT e.recipient FROM webhook_outbox o JOIN events e ON e.id = o.event_id"
+            " WHERE e.type = ? ORDER BY e.recipient", (event_type.value,)
+        )]
+
+
+@pytest.mark.parametrize(
+    "retention",
+    [{}, {"content_days": 0, "metadata_days": 0}],  # expiry is no retention period: it always runs
+    ids=["default", "keep_everything"],
+)
+async def test_sweep_expires_suppressions_with_events_webhooks_and_log_lines(
+    start: Any, mx_sink: MxSink, caplog: pytest.LogCaptureFixture, retention: dict[str, Any]
+):
+    caplog.set_level(logging.INFO, logger="store")
+    fast_hooks = {"allow_private_networks": True, "poll_interval": "50ms"}
+    running: Running = await start(
+        retention={**retention, "batch_size": 1, "batch_pause": 0}, webhooks=fast_hooks
+    )
+    spool = running.spool
+    now = time.time()
+    async with WebhookSink() as sink:
+        await spool.create_webhook(sink.url, (EventType.SUPPRESSION_DELETED.value,))
+        await spool.add_suppressions([
+            NewSuppression("soon@example.test", SuppressionReason.COMPLAINT, now + 60),
+            NewSuppression("later@example.test", expires_at=now + 3 * DAY),
+            NewSuppression("also-soon@example.test", expires_at=now + 90),
+            NewSuppression("never@example.test"),
+        ])
+        blocked = await submit(running, "soon@example.test")
+        assert (await spool.get_message(blocked)).status is MessageStatus.SUPPRESSED
+
+        # Before the expiry nothing goes; batches of one row walk past every entry.
+        settings = running.service.settings
+        assert await RetentionSweeper(spool, settings, lambda: now + 30).sweep() == 0
+        assert len(suppression_rows(running)) == 4
+        sweeper = RetentionSweeper(spool, settings, lambda: now + 120)
+        assert await sweeper.sweep() == 2
+        assert suppression_rows(running) == ["later@example.test", "never@example.test"]
+        assert await sweeper.sweep() == 0  # gone once: no second event
+
+        deleted = await spool.list_events(EventFilter(type=EventType.SUPPRESSION_DELETED))
+        assert sorted((e.recipient, e.data["reason"], e.data["expired"]) for e in deleted) == [
+            ("also-soon@example.test", "manual", True),
+            ("soon@example.test", "complaint", True),
+        ]
+        assert {e.data["email"] for e in deleted} == {e.recipient for e in deleted}
+        # Each event owes its webhook delivery through the outbox, like every other event (it is
+        # due at the sweep's moved-on clock, so the test reads the rows rather than waiting).
+        assert outbox_recipients(running, EventType.SUPPRESSION_DELETED) == [
+            "also-soon@example.test", "soon@example.test"
+        ]
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppression:")]
+    assert sorted(line for line in lines if "action=expired" in line) == [
+        "suppression: also-soon@example.test reason=manual action=expired",
+        "suppression: soon@example.test reason=complaint action=expired",
+    ]
+
+    # The address can be mailed again.
+    again = await submit(running, "soon@example.test")
+    await settled(running, again, MessageStatus.DELIVERED)

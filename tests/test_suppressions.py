@@ -4,9 +4,13 @@ unsubscribes block marketing mail only, every other reason blocks all mail."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
-from store import EventFilter, EventType, RecipientStatus
+import pytest
+
+from store import EventFilter, EventType, NewSuppression, RecipientStatus, SuppressionReason
 from tests.conftest import Running, postroom_cli, settings_data, write_config
 from tests.support import DnsServer, MxSink, RawSmtp, wait_until
 
@@ -162,3 +166,74 @@ def test_cli_add_import_export_remove(
     ).stdout
     gone = postroom_cli(config, "suppressions", "remove", "a@example.test", check=False)
     assert gone.returncode == 1 and "not suppressed" in gone.stderr
+
+
+def suppression_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppression:")]
+
+
+async def test_each_change_logs_one_line(postroom: Running, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="store")
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        added = await http.post("/v1/suppressions", json={
+            "emails": ["A@example.test", "b@example.test"], "reason": "complaint"})
+        assert added.status_code == 201
+        again = await http.post("/v1/suppressions", json={"email": "a@example.test"})
+        assert again.status_code == 200  # already suppressed: no change, no line
+        assert (await http.delete("/v1/suppressions/b@example.test")).status_code == 204
+        assert (await http.delete("/v1/suppressions/b@example.test")).status_code == 404
+    assert suppression_lines(caplog) == [
+        "suppression: a@example.test reason=complaint action=added",
+        "suppression: b@example.test reason=complaint action=added",
+        "suppression: b@example.test reason=complaint action=removed",
+    ]
+    assert key not in caplog.text
+
+
+async def test_adding_over_an_expired_entry_ends_it_first(
+    postroom: Running, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="store")
+    spool = postroom.spool
+    await spool.add_suppressions([NewSuppression("x@example.test", expires_at=time.time() - 1)])
+    [new] = await spool.add_suppressions(
+        [NewSuppression("x@example.test", SuppressionReason.COMPLAINT)]
+    )
+    assert new
+    found = await spool.list_events(EventFilter(recipient="x@example.test"))
+    events = [(e.type, e.data) for e in found]
+    assert events == [
+        (EventType.SUPPRESSION_CREATED, {"email": "x@example.test", "reason": "manual"}),
+        (EventType.SUPPRESSION_DELETED,
+         {"email": "x@example.test", "reason": "manual", "expired": True}),
+        (EventType.SUPPRESSION_CREATED, {"email": "x@example.test", "reason": "complaint"}),
+    ]
+    assert suppression_lines(caplog)[1:] == [
+        "suppression: x@example.test reason=manual action=expired",
+        "suppression: x@example.test reason=complaint action=added",
+    ]
+
+
+def test_cli_import_reads_an_excel_bom_and_names_the_reasons(
+    tmp_path: Path, dns: DnsServer, server_cert: tuple[Path, Path]
+):
+    config = write_config(tmp_path / "postroom.toml", settings_data(tmp_path, dns, 25, server_cert))
+    postroom_cli(config, "init")
+    csv_file = tmp_path / "export.csv"
+    csv_file.write_bytes(
+        "email,reason,expires_at\r\na@example.test,manual,\r\nb@example.test,bogus,\r\n"
+        .encode("utf-8-sig")
+    )
+    assert csv_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    imported = postroom_cli(config, "suppressions", "import", str(csv_file), check=False)
+    assert imported.returncode == 1
+    assert "imported 1 address(es): 1 new, 0 already suppressed; 1 line(s) rejected" in (
+        imported.stdout
+    )
+    [rejected] = imported.stderr.strip().splitlines()[-1:]
+    assert rejected == (
+        "line 3: rejected (reason 'bogus' is not one of hard_bounce, complaint, unsubscribe, "
+        "manual): b@example.test,bogus,"
+    )
+    assert "line 1" not in imported.stderr  # the header row, BOM and all, is skipped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import email
+import logging
 import re
 from email.policy import default as default_policy
 from urllib.parse import urlsplit
@@ -144,3 +145,24 @@ async def test_one_click_unsubscribe_end_to_end(start, dns: DnsServer, mx_sink: 
         assert again.json()["status"] == "suppressed"
         receipt = await http.post("/v1/messages", json={**base, "to": "a@example.test"})
         assert receipt.json()["status"] == "queued"
+
+
+async def test_an_unsubscribe_logs_one_line_once(start, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="store")
+    postroom: Running = await start(api={"public_url": PUBLIC_URL})
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        sent = await http.post("/v1/messages", json={
+            "from": "news@acme.test", "to": "Ann@example.test", "subject": "Sale",
+            "text": "50% off", "message_type": "marketing"})
+        assert sent.status_code == 202, sent.text
+    message_id = sent.json()["id"]
+    token = make_token(await postroom.spool.unsubscribe_secret(), message_id, "ann@example.test")
+    async with postroom.http() as http:
+        for _ in range(2):  # the second click adds nothing and logs nothing
+            done = await http.post(f"/unsubscribe/{token}", content=b"List-Unsubscribe=One-Click")
+            assert done.status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "unsubscribed" in r.getMessage()]
+    assert lines == [f"{message_id}: to=<ann@example.test> status=unsubscribed"]
+    assert not [r for r in caplog.records if "action=added" in r.getMessage()]
+    assert token not in caplog.text and token.split(".")[1] not in caplog.text
