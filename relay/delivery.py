@@ -5,9 +5,10 @@ routed through) may start now, leases that from the spool (round-robin over reci
 and runs one attempt per (message, domain) job: route (smarthost from `delivery.routes`, else MX
 with loop and private-address screening), DKIM-sign with the From domain's keys, try hosts and
 addresses in order, then record each recipient's outcome with its event in one spool write — or
-`failed` when Postroom itself cannot try (the body is gone, the message cannot be signed). It
-wakes when intake commits new work or an attempt frees a slot, and polls otherwise. On stop it
-lets running attempts finish within the shutdown timeout and gives every other lease back.
+`failed` when Postroom itself cannot try (the body is gone or does not decrypt, the message
+cannot be signed). It wakes when intake commits new work or an attempt frees a slot, and polls
+otherwise. On stop it lets running attempts finish within the shutdown timeout and gives every
+other lease back.
 """
 
 from __future__ import annotations
@@ -236,9 +237,13 @@ class DeliveryEngine:
                 replies={r.id: _TEST_REPLY for r in job.recipients},
             ), False
         cfg = self._settings.delivery
+        if job.content_error is not None:
+            # The stored body is damaged or sealed with a key that is not configured: no retry
+            # opens it. The reason says so and holds neither the key nor the body.
+            return NotAttempted(job.content_error), False
         if not job.content:
-            # Retention (or a damaged spool) removed the body of a unit still pending: there
-            # is nothing to send, now or later.
+            # Retention removed the body of a unit still pending: there is nothing to send,
+            # now or later.
             return NotAttempted("the stored message body is gone"), False
         content = await self._sign(job)
         if isinstance(content, NotAttempted):
@@ -293,16 +298,14 @@ class DeliveryEngine:
     async def _sign(self, job: DeliveryJob) -> bytes | NotAttempted:
         """The bytes to send: signed with the From domain's keys, or as stored when it has none.
 
-        A domain with keys that cannot sign (a broken key, a message dkimpy cannot parse) is not
-        sent unsigned: receivers enforcing the domain's DMARC policy would refuse or junk it,
-        and a retry signs no better.
+        A domain with keys that cannot sign (a stored key that does not decrypt, a broken key, a
+        message dkimpy cannot parse) is not sent unsigned: receivers enforcing the domain's DMARC
+        policy would refuse or junk it, and a retry signs no better.
         """
         content = await self._with_unsubscribe(job)
-        signer = await self._keys.signer_for(content)
-        if signer is None:
-            return content
         try:
-            return signer.sign(content)
+            signer = await self._keys.signer_for(content)
+            return content if signer is None else signer.sign(content)
         except DkimError as exc:
             return NotAttempted(str(exc))
 

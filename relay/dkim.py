@@ -23,7 +23,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
-from store import DomainKeys
+from store import DomainKeys, UnreadableKeys
 
 # Headers signed when present. Identity and display headers are over-signed (listed once more
 # than they occur) so that nobody can add a second copy after signing; List-Unsubscribe and
@@ -236,8 +236,9 @@ class Signer:
 class KeyRing:
     """The signer for a message's From domain, or None; looked up in the spool, cached briefly.
 
-    The cache (hits and misses) lasts `ttl` seconds, so a domain added while Postroom runs signs
-    within that time, and it holds at most `size` domains.
+    The cache (hits, misses and keys that do not decrypt) lasts `ttl` seconds, so a domain added
+    or repaired while Postroom runs signs within that time, and it holds at most `size` domains.
+    A domain whose stored keys do not decrypt raises DkimError: its mail is not sent unsigned.
     """
 
     def __init__(
@@ -251,20 +252,30 @@ class KeyRing:
         self._ttl = ttl
         self._size = size
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, Signer | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, Signer | DkimError | None]] = OrderedDict()
 
     async def signer_for(self, content: bytes) -> Signer | None:
+        """The From domain's signer, None when it has no keys; DkimError when they are broken."""
         domain = from_domain(content)
         if domain is None:
             return None
         now = self._clock()
         cached = self._cache.get(domain)
         if cached is not None and cached[0] > now:
-            return cached[1]
-        keys = await self._lookup(domain)
-        signer = None if keys is None else Signer(keys)
-        self._cache[domain] = (now + self._ttl, signer)
-        self._cache.move_to_end(domain)
-        if len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+            signer = cached[1]
+        else:
+            signer = await self._load(domain)
+            self._cache[domain] = (now + self._ttl, signer)
+            self._cache.move_to_end(domain)
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        if isinstance(signer, DkimError):
+            raise DkimError(str(signer))
         return signer
+
+    async def _load(self, domain: str) -> Signer | DkimError | None:
+        try:
+            keys = await self._lookup(domain)
+        except UnreadableKeys as exc:  # its message names domain and selector, never the key
+            return DkimError(str(exc))
+        return None if keys is None else Signer(keys)

@@ -16,6 +16,7 @@ from store.errors import (
     SpoolUnavailable,
     StorageFull,
     StoreError,
+    UnreadableKeys,
 )
 from store.headers import SMTP_POLICY
 from store.health import inspect as inspect_spool
@@ -150,6 +151,7 @@ __all__ = [
     "Template",
     "UnitAction",
     "UnitChange",
+    "UnreadableKeys",
     "UrlRefusal",
     "WebhookAttempt",
     "WebhookChange",

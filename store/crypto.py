@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from config import Settings, decode_key
-from store.errors import StoreError
+from store.errors import KeyMismatch as KeyMismatch  # defined with the tree; raised here
 from store.records import PurgeBatch
 from store.sql import Q
 
@@ -28,10 +28,6 @@ BODY = b"body"
 DKIM = b"dkim"
 _CHECK = b"postroom key check"
 _CHECK_PURPOSE = b"check"
-
-
-class KeyMismatch(StoreError):
-    """The spool cannot be read with the configured encryption key."""
 
 
 def key_id(key: bytes) -> bytes:
@@ -71,7 +67,7 @@ class Sealer:
                 nonce = data[len(MAGIC) + 4 : len(MAGIC) + 16]
                 try:
                     return AESGCM(key).decrypt(nonce, data[len(MAGIC) + 16 :], purpose)
-                except InvalidTag:
+                except (InvalidTag, ValueError):  # ValueError: cut short inside the nonce
                     raise KeyMismatch("a sealed value does not open: damaged data") from None
         raise KeyMismatch(
             f"a value is sealed with key {wanted.hex()}, which is not configured "

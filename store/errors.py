@@ -7,10 +7,19 @@
     ├── NotFound           no such message, key, …
     ├── Conflict           the record already exists
     ├── PolicyRejected     intake refused the message (carries a slug and a field)
-    └── IdempotencyConflict  the idempotency key is in use (carries a slug)
+    ├── IdempotencyConflict  the idempotency key is in use (carries a slug)
+    ├── KeyMismatch        a sealed value does not open with the configured encryption keys
+    └── UnreadableKeys     one sending domain's DKIM keys do not decrypt (carries the domain,
+                           the selector and the reason, never the key)
 
 Each subclass's docstring is its default message. Expected outcomes of delivery are values
 (`records.Outcome`), not errors.
+
+`KeyMismatch` is what `store/crypto.py` raises for any value; at start-up (the key check) it
+means the wrong key is configured and the spool does not open. Past start-up the key is right,
+so a value that does not open is one damaged row, and the spool says which: a message body
+becomes `DeliveryJob.content_error` (its units fail, the claim goes on for everyone else), a DKIM
+key row becomes `UnreadableKeys` (that domain's mail fails, other domains' mail is signed).
 """
 
 from __future__ import annotations
@@ -74,3 +83,19 @@ _CONFLICT_MESSAGES = {
 
 class Conflict(StoreError):
     """The record already exists."""
+
+
+class KeyMismatch(StoreError):
+    """The spool cannot be read with the configured encryption key."""
+
+
+class UnreadableKeys(StoreError):
+    """A sending domain's DKIM keys cannot be decrypted."""
+
+    def __init__(self, domain: str, selector: str, reason: str) -> None:
+        super().__init__(
+            f"the DKIM key of {domain} (selector {selector}) cannot be decrypted: {reason}"
+        )
+        self.domain = domain
+        self.selector = selector
+        self.reason = reason

@@ -411,6 +411,9 @@ class DeliveryJob:
     is_test: bool = False
     #: Marketing jobs hold one recipient each: their unsubscribe headers name that recipient.
     message_type: MessageType = MessageType.TRANSACTIONAL
+    #: Why the stored body could not be opened (damaged, or sealed with a key that is not
+    #: configured), `content` then empty: the engine fails these units without trying them.
+    content_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

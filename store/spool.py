@@ -38,7 +38,15 @@ from store import (
 )
 from store.crypto import BODY, DKIM, Sealer, verify_key
 from store.db import connect_reader, connect_writer, opening
-from store.errors import Conflict, IdempotencyConflict, NotFound, SpoolClosed, StoreError
+from store.errors import (
+    Conflict,
+    IdempotencyConflict,
+    KeyMismatch,
+    NotFound,
+    SpoolClosed,
+    StoreError,
+    UnreadableKeys,
+)
 from store.events import append_events, last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
@@ -159,7 +167,17 @@ class Spool:
                 conn.close()
                 raise
             writer = Writer(conn, settings.storage.commit_batch)
-            pool = [await connect_reader(path, timeout) for _ in range(readers)]
+            pool: list[aiosqlite.Connection] = []
+            try:
+                for _ in range(readers):
+                    pool.append(await connect_reader(path, timeout))
+            except BaseException:
+                # A reader that does not open (no file descriptors left, …) must not leave the
+                # writer's thread and connection, nor the readers opened so far, behind.
+                for reader in pool:
+                    await reader.close()
+                await writer.close()
+                raise
         return cls(settings, writer, pool)
 
     async def close(self) -> None:
@@ -727,15 +745,22 @@ class Spool:
         return self._open_keys(DomainKeys.from_row(row))
 
     def _open_keys(self, keys: DomainKeys) -> DomainKeys:
-        """The domain's keys with the private keys decrypted (store/crypto.py)."""
+        """The domain's keys with the private keys decrypted (store/crypto.py).
+
+        The key check at open proved the configured key right, so a key that does not open is
+        this one row's damage: UnreadableKeys names the domain and selector, never the key.
+        """
         sealer = self._limits.sealer
-        return dataclasses.replace(
-            keys,
-            rsa_key=sealer.open(keys.rsa_key, DKIM),
-            ed25519_key=(
-                None if keys.ed25519_key is None else sealer.open(keys.ed25519_key, DKIM)
-            ),
-        )
+        try:
+            return dataclasses.replace(
+                keys,
+                rsa_key=sealer.open(keys.rsa_key, DKIM),
+                ed25519_key=(
+                    None if keys.ed25519_key is None else sealer.open(keys.ed25519_key, DKIM)
+                ),
+            )
+        except KeyMismatch as exc:
+            raise UnreadableKeys(keys.name, keys.selector, str(exc)) from None
 
     async def suppression(self, email: str) -> Suppression | None:
         async with self._read() as conn:
@@ -1072,6 +1097,7 @@ def _group_jobs(
     }
     # Recipients of one message and one domain share a transaction, except for marketing mail:
     # each copy carries an unsubscribe link for its one recipient (relay/unsubscribe.py).
+    bodies = {seq: _open_body(row, sealer) for seq, row in messages.items()}
     groups: dict[tuple[int, str, int], list[Recipient]] = {}
     for rcpt in claimed:
         alone = messages[rcpt.message_seq]["message_type"] == MessageType.MARKETING.value
@@ -1083,7 +1109,8 @@ def _group_jobs(
             message_seq=seq,
             message_id=messages[seq]["id"],
             mail_from=messages[seq]["mail_from"],
-            content=sealer.open(bytes(messages[seq]["body"]), BODY),
+            content=bodies[seq][0],
+            content_error=bodies[seq][1],
             recipients=tuple(rcpts),
             tags=tags_from_json(messages[seq]["tags"]),
             metadata=json.loads(messages[seq]["metadata"]),
@@ -1094,3 +1121,17 @@ def _group_jobs(
         )
         for (seq, domain, _), rcpts in groups.items()
     ]
+
+
+def _open_body(row: sqlite3.Row, sealer: Sealer) -> tuple[bytes, str | None]:
+    """A claimed message's body, or empty bytes and why it cannot be opened.
+
+    The claim runs as one write job for every destination: a body that raised here would roll
+    the whole claim back, leave the unit due and fail every later claim, so that no mail at all
+    would go out. One damaged body (or one sealed with a key no longer configured) fails only
+    its own units (relay/delivery.py); the reason never holds the key nor the body.
+    """
+    try:
+        return sealer.open(bytes(row["body"]), BODY), None
+    except KeyMismatch as exc:
+        return b"", f"the stored message body cannot be decrypted: {exc}"

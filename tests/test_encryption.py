@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from config import Settings
+from config import Settings, decode_key
 from relay.dkim import generate_keys
 from relay.service import StartupError
 from store import MessageStatus, Source, Spool, Submission
+from store.crypto import BODY, DKIM, MAGIC, KeyMismatch, Sealer
 from tests.conftest import Running
 from tests.support import MxSink, wait_until
 from tests.test_queue_tools import run
@@ -97,3 +98,29 @@ async def test_without_a_key_the_body_is_stored_as_given(postroom: Running):
         Submission("app@acme.test", ("user@example.test",), CONTENT, Source.API)
     )
     assert SECRET_TEXT in database_bytes(postroom.service.settings)
+
+
+
+_RIGHT_KEY = decode_key(new_key())
+_SEALED = Sealer(current=_RIGHT_KEY).seal(SECRET_TEXT, BODY)
+
+
+@pytest.mark.parametrize(
+    ("value", "purpose"),
+    [
+        pytest.param(_SEALED[:-1] + bytes([_SEALED[-1] ^ 1]), BODY, id="flipped byte"),
+        pytest.param(_SEALED[: len(MAGIC) + 4 + 3], BODY, id="cut inside the nonce"),
+        pytest.param(_SEALED[: len(MAGIC) + 16 + 5], BODY, id="cut inside the tag"),
+        pytest.param(_SEALED, DKIM, id="another purpose"),
+        pytest.param(
+            Sealer(current=decode_key(new_key())).seal(SECRET_TEXT, BODY), BODY, id="another key"
+        ),
+    ],
+)
+def test_a_value_that_does_not_open_raises_key_mismatch(value: bytes, purpose: bytes):
+    # The spool turns KeyMismatch into a failed message or UnreadableKeys
+    # (tests/test_damaged_rows.py): the AEAD library's own errors must not get past `open`.
+    sealer = Sealer(current=_RIGHT_KEY)
+    assert sealer.open(_SEALED, BODY) == SECRET_TEXT
+    with pytest.raises(KeyMismatch):
+        sealer.open(value, purpose)
