@@ -62,6 +62,19 @@ def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def connect_point_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection for small indexed reads on the event loop's own thread.
+
+    It never waits for a lock (`busy_timeout` 0): a read that meets one is retried on a threaded
+    reader instead (`Spool._point_read`), so the loop is never held by the database.
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA query_only=ON")
+    conn.execute("PRAGMA busy_timeout=0")
+    return conn
+
+
 async def connect_reader(path: Path, busy_timeout: float) -> aiosqlite.Connection:
     """A read-only connection for queries that never write."""
     conn = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)

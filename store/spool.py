@@ -37,7 +37,7 @@ from store import (
     webhooks,
 )
 from store.crypto import BODY, DKIM, Sealer, verify_key
-from store.db import connect_reader, connect_writer, opening
+from store.db import connect_point_reader, connect_reader, connect_writer, opening
 from store.errors import (
     Conflict,
     IdempotencyConflict,
@@ -121,14 +121,23 @@ def migrate(path: Path, busy_timeout: float = 10.0) -> list[str]:
             conn.close()
 
 
+#: Idempotency keys looked up on the loop's own connection at most; more go to a thread.
+_POINT_READ_KEYS = 20
+
+
 class Spool:
     """Typed access to the spool database; create with `await Spool.open(settings)`."""
 
     def __init__(
-        self, settings: Settings, writer: Writer, readers: list[aiosqlite.Connection]
+        self,
+        settings: Settings,
+        writer: Writer,
+        readers: list[aiosqlite.Connection],
+        point: sqlite3.Connection,
     ) -> None:
         self._settings = settings
         self._writer = writer
+        self._point = point
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         for conn in readers:
             self._readers.put_nowait(conn)
@@ -171,6 +180,7 @@ class Spool:
             try:
                 for _ in range(readers):
                     pool.append(await connect_reader(path, timeout))
+                point = connect_point_reader(path)
             except BaseException:
                 # A reader that does not open (no file descriptors left, …) must not leave the
                 # writer's thread and connection, nor the readers opened so far, behind.
@@ -178,13 +188,14 @@ class Spool:
                     await reader.close()
                 await writer.close()
                 raise
-        return cls(settings, writer, pool)
+        return cls(settings, writer, pool, point)
 
     async def close(self) -> None:
         """Flush and close the writer last, after the readers."""
         if self._closed:
             return
         self._closed = True
+        self._point.close()
         for _ in range(self._reader_count):
             conn = await self._readers.get()
             await conn.close()
@@ -194,6 +205,27 @@ class Spool:
     def is_healthy(self) -> bool:
         """Open, and the last commit succeeded."""
         return not self._closed and self._writer.is_healthy
+
+    async def _point_read(self, sql: str, params: Mapping[str, object]) -> list[sqlite3.Row]:
+        """The rows of a small indexed read (one key, a few names), read on the loop's thread.
+
+        Every API request authenticates and every send looks up its sender's domain: through a
+        threaded reader each such read costs three thread hops (execute, fetch, close), 30 to 80
+        µs of CPU each, for a lookup that takes about 4 µs itself. Here it takes the 4 µs. A read
+        that meets a lock (rare under WAL) is retried on a threaded reader, so the loop never
+        waits for the database. Only for reads bounded by an index and a handful of rows.
+        """
+        if self._closed:
+            raise SpoolClosed()
+        try:
+            return self._point.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # locked or busy: wait on a thread, not on the loop
+            return await self._thread_read(sql, params)
+
+    async def _thread_read(self, sql: str, params: Mapping[str, object]) -> list[sqlite3.Row]:
+        """All rows of one query on a threaded reader, in one hop (execute and fetch together)."""
+        async with self._read() as conn:
+            return list(await conn.execute_fetchall(sql, params))
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -277,9 +309,8 @@ class Spool:
         if not secret.startswith(KEY_PREFIX):
             return None
         digest = self._digest(secret)
-        async with self._read() as conn:
-            async with conn.execute(Q["key_by_digest"], {"digest": digest}) as cur:
-                row = await cur.fetchone()
+        rows = await self._point_read(Q["key_by_digest"], {"digest": digest})
+        row = rows[0] if rows else None
         if row is None or not hmac.compare_digest(row["digest"], digest):
             return None
         key = ApiKey.from_row(row)
@@ -670,9 +701,10 @@ class Spool:
                     "keys": json.dumps(wanted),
                     "cutoff": at - self._limits.idempotency_ttl,
                 }
-                async with self._read() as conn:
-                    async with conn.execute(Q["idempotency_lookup_many"], params) as cur:
-                        rows = {row["key"]: row for row in await cur.fetchall()}
+                # A batch may carry thousands of keys: too many for a read on the loop.
+                read = self._point_read if len(wanted) <= _POINT_READ_KEYS else self._thread_read
+                found = await read(Q["idempotency_lookup_many"], params)
+                rows = {row["key"]: row for row in found}
                 for index, key in enumerate(held):
                     if key is not None:
                         verdicts[index] = idempotency.judge(key, rows.get(key.key))
@@ -959,9 +991,8 @@ class Spool:
     async def default_sender_names(self, domains: Iterable[str]) -> dict[str, str]:
         """The default sender names of those of `domains` that have one."""
         names = json.dumps(sorted({d.lower() for d in domains}))
-        async with self._read() as conn:
-            async with conn.execute(Q["sender_names_among"], {"names": names}) as cur:
-                return {row[0]: row[1] for row in await cur.fetchall()}
+        rows = await self._point_read(Q["sender_names_among"], {"names": names})
+        return {row[0]: row[1] for row in rows}
 
     async def add_suppressions(self, entries: Sequence[NewSuppression]) -> list[bool]:
         """Suppress addresses; for each, whether it was new (False: already suppressed)."""
