@@ -9,6 +9,7 @@ envelope is to + cc + bcc; Bcc never appears in the headers.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -32,12 +33,21 @@ def envelope_recipients(request: SendRequest) -> list[tuple[str, str]]:
     ]
 
 
-def _addresses(values: list[str]) -> list[Address]:
-    found = []
-    for value in values:
-        name, address = parse_mailbox(value)
-        found.append(Address(display_name=name, addr_spec=address))
-    return found
+def _addresses(values: list[str]) -> str:
+    """An address-list header's text, each mailbox written by the email package's `Address`.
+
+    Text rather than `Address` objects, because the policy remembers the header it parsed for
+    a recent text (store/headers.py): a batch's one sender is parsed once, not per message. The
+    bytes rendered are the same either way.
+    """
+    return ", ".join(_mailbox(value) for value in values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _mailbox(value: str) -> str:
+    """One mailbox as header text; remembered, since `Address` parses its addr-spec again."""
+    name, address = parse_mailbox(value)
+    return str(Address(display_name=name, addr_spec=address))
 
 
 def _mime_type(attachment: AttachmentIn) -> tuple[str, str]:
@@ -49,8 +59,7 @@ def _mime_type(attachment: AttachmentIn) -> tuple[str, str]:
 def compose(request: SendRequest, hostname: str, now: float) -> bytes:
     """The message as bytes, CRLF line endings. Raises ValueError for what EmailMessage refuses."""
     msg = EmailMessage(policy=SMTP_POLICY)
-    [sender] = _addresses([request.from_])
-    msg["From"] = sender
+    msg["From"] = _addresses([request.from_])
     if request.to:
         msg["To"] = _addresses(request.to)
     if request.cc:
