@@ -1,5 +1,10 @@
 """Sending-domain routes: add (keys generated, records returned), list, show, change the default
-sender name, remove, and verify the published records live. Keys never leave the spool."""
+sender name, remove, and verify the published records live. Keys never leave the spool.
+
+Each domain shown carries `status`: `ok`, or `key_damaged` when its stored DKIM key does not
+decrypt — then no records (they are derived from the key) and a `problem` that says how to
+replace it. One damaged domain never fails the list; verifying it is a 500 `dkim_key_damaged`.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import authenticate
-from api.errors import NotFoundError, ServiceUnavailable
+from api.errors import NotFoundError, ServiceUnavailable, damaged_key_message
 from api.models import DomainCreate, DomainOut, DomainPatch, check_domain_name
 from api.types import AppState, DomainTools
 from api.webhooks import _body
-from store import DomainKeys, Scope
+from store import DomainKeys, Scope, UnreadableKeys
 
 
 async def _state(request: Request) -> AppState:
@@ -38,8 +43,17 @@ def _name(request: Request) -> str:
         raise NotFoundError(f"no sending domain {request.path_params['name']}") from None
 
 
-def _out(state: AppState, keys: DomainKeys) -> dict[str, object]:
-    return DomainOut.of(keys, _tools(state).records(keys)).to_json()
+def _out(
+    state: AppState, keys: DomainKeys, damage: UnreadableKeys | None = None
+) -> dict[str, object]:
+    if damage is not None:
+        out = DomainOut.of(keys, []).to_json()
+        out["status"] = "key_damaged"
+        out["problem"] = damaged_key_message(damage)
+        return out
+    out = DomainOut.of(keys, _tools(state).records(keys)).to_json()
+    out["status"] = "ok"
+    return out
 
 
 async def add_domain(request: Request) -> JSONResponse:
@@ -57,14 +71,14 @@ async def add_domain(request: Request) -> JSONResponse:
 
 async def list_domains(request: Request) -> JSONResponse:
     state = await _state(request)
-    found = await state.spool.list_domains()
-    return JSONResponse({"data": [_out(state, keys) for keys in found]})
+    found = await state.spool.inspect_domains()
+    return JSONResponse({"data": [_out(state, keys, damage) for keys, damage in found]})
 
 
 async def get_domain(request: Request) -> JSONResponse:
     state = await _state(request)
-    keys = await state.spool.get_domain(_name(request))
-    return JSONResponse(_out(state, keys))
+    keys, damage = await state.spool.inspect_domain(_name(request))
+    return JSONResponse(_out(state, keys, damage))
 
 
 async def patch_domain(request: Request) -> JSONResponse:
@@ -72,7 +86,8 @@ async def patch_domain(request: Request) -> JSONResponse:
     name = _name(request)
     change = await _body(request, DomainPatch)
     await state.spool.set_default_sender_name(name, change.default_sender_name)
-    return JSONResponse(_out(state, await state.spool.get_domain(name)))
+    keys, damage = await state.spool.inspect_domain(name)
+    return JSONResponse(_out(state, keys, damage))
 
 
 async def remove_domain(request: Request) -> Response:

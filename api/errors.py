@@ -12,6 +12,8 @@
     │   ├── InvalidRecipient 422 invalid_recipient (the domain cannot receive mail)
     │   └── TemplateRenderError 422 template_render_error (names the variable or the fault)
     ├── TooManyRequests    429 too_many_requests (with Retry-After)
+    ├── KeyDamaged         500 dkim_key_damaged (a domain's stored DKIM key does not decrypt:
+    │                      retrying does not help; the message says how to replace it)
     ├── ServiceUnavailable 503 service_unavailable
     └── InsufficientStorage 507 insufficient_storage
 
@@ -39,6 +41,7 @@ from store import (
     SpoolClosed,
     StorageFull,
     StoreError,
+    UnreadableKeys,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,21 @@ class TemplateRenderError(ValidationFailed):
     slug = "template_render_error"
 
 
+class KeyDamaged(ApiError):
+    """A sending domain's stored DKIM key is damaged."""
+
+    status, slug = 500, "dkim_key_damaged"
+
+
+def damaged_key_message(exc: UnreadableKeys) -> str:
+    """What is wrong with a domain's keys and what the operator does about it."""
+    return (
+        f"{exc}; the stored key is damaged and retrying will not help: replace it with "
+        f"`postroom domains remove {exc.domain}` then `postroom domains add {exc.domain}`, "
+        "and publish the new DNS records"
+    )
+
+
 class ServiceUnavailable(ApiError):
     """Postroom is shutting down or not ready; try again later."""
 
@@ -188,6 +206,8 @@ def from_store_error(exc: StoreError) -> ApiError:
         return InsufficientStorage()
     if isinstance(exc, SpoolClosed):
         return ServiceUnavailable()
+    if isinstance(exc, UnreadableKeys):
+        return KeyDamaged(damaged_key_message(exc))
     return ServiceUnavailable("the spool could not complete the request; try again later")
 
 

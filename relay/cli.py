@@ -1198,32 +1198,55 @@ def db_check(ctx: click.Context, as_json: bool) -> None:
 def db_rotate_key(ctx: click.Context, as_json: bool) -> None:
     """Re-encrypt the spool with storage.encryption_key (opening with previous_encryption_key).
 
-    Works in batches, safe while serving; the key check moves to the new key last.
+    Works in batches, safe while serving; the key check moves to the new key last. A body or
+    DKIM key that opens with neither key is damaged: it is skipped, the rest is re-encrypted,
+    and the damaged messages and domains are listed at the end (exit 1).
     """
     settings = settings_of(ctx)
 
-    async def work(spool: Spool) -> tuple[int, int]:
+    async def work(spool: Spool) -> dict[str, Any]:
         newest = await spool.list_messages(None, 1)
         bodies, after = 0, 0
+        skipped: list[str] = []
         with _progress("re-encrypting", newest[0].seq if newest else 0, as_json) as bar:
             while True:
                 batch = await spool.reseal(after, 100)
-                bodies += batch.removed
+                bodies += batch.changed
+                skipped += batch.skipped
                 if batch.next_after is None:
                     break
                 bar.update(batch.next_after - after)
                 after = batch.next_after
-        return bodies, await spool.finish_reseal()
+        keys = await spool.finish_reseal()
+        return {
+            "bodies": bodies,
+            "domains": keys.changed,
+            "damaged_messages": skipped,
+            "damaged_domains": list(keys.damaged),
+        }
 
-    bodies, domain_keys = with_spool(settings, work)
-    emit(
-        {"bodies": bodies, "domains": domain_keys},
-        as_json,
-        lambda: click.echo(
-            f"re-encrypted {bodies} body(ies) and the keys of {domain_keys} domain(s); "
-            "previous_encryption_key is no longer needed"
-        ),
-    )
+    out = with_spool(settings, work)
+    damaged_messages, damaged_domains = out["damaged_messages"], out["damaged_domains"]
+
+    def human() -> None:
+        click.echo(
+            f"re-encrypted {out['bodies']} body(ies) and the keys of {out['domains']} "
+            "domain(s); previous_encryption_key is no longer needed"
+        )
+        if damaged_messages:
+            click.echo(
+                f"skipped {len(damaged_messages)} damaged body(ies) that open with neither key "
+                "(their mail fails when delivered): " + " ".join(damaged_messages)
+            )
+        for name in damaged_domains:
+            click.echo(
+                f"skipped the damaged DKIM keys of {name}: replace them with "
+                f"`postroom domains remove {name}` then `postroom domains add {name}`"
+            )
+
+    emit(out, as_json, human)
+    if damaged_messages or damaged_domains:
+        sys.exit(1)
 
 
 def _when(value: str | None, option: str, now: float) -> float | None:

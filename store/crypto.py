@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from config import Settings, decode_key
 from store.errors import KeyMismatch as KeyMismatch  # defined with the tree; raised here
-from store.records import PurgeBatch
 from store.sql import Q
 
 MAGIC = b"\x00PRE1"
@@ -123,32 +122,65 @@ def reseal_check(conn: sqlite3.Connection, sealer: Sealer) -> None:
         )
 
 
-def reseal_bodies(
-    conn: sqlite3.Connection, sealer: Sealer, after: int, limit: int
-) -> PurgeBatch:
-    """One batch of a rotation: bodies past `after` not under the current key are re-sealed."""
+@dataclass(frozen=True, slots=True)
+class Resealed:
+    """One batch of a rotation: bodies re-sealed, the ids of messages whose body does not open
+    (skipped, left as they are), and where to go on (None: done)."""
+
+    changed: int
+    skipped: tuple[str, ...]
+    next_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeysResealed:
+    """The end of a rotation: domains whose keys were re-sealed, and those whose keys do not
+    open (skipped, left as they are)."""
+
+    changed: int
+    damaged: tuple[str, ...]
+
+
+def reseal_bodies(conn: sqlite3.Connection, sealer: Sealer, after: int, limit: int) -> Resealed:
+    """One batch of a rotation: bodies past `after` not under the current key are re-sealed.
+
+    A body that opens with neither configured key is damaged (the key check proved the keys
+    right): it is skipped and named, so one damaged row never stops the rotation of the rest.
+    """
     rows = conn.execute(Q["bodies_after"], {"after": after, "limit": limit}).fetchall()
     changed = 0
+    skipped = []
     for row in rows:
         body = bytes(row["body"])
         if body and not sealer.is_current(body):
-            plain = sealer.open(body, BODY)
+            try:
+                plain = sealer.open(body, BODY)
+            except KeyMismatch:
+                skipped.append(str(row["id"]))
+                continue
             conn.execute(Q["set_body"], {"seq": row["seq"], "body": sealer.seal(plain, BODY)})
             changed += 1
     next_after = rows[-1]["seq"] if len(rows) == limit else None
-    return PurgeBatch(removed=changed, next_after=next_after)
+    return Resealed(changed, tuple(skipped), next_after)
 
 
-def reseal_keys(conn: sqlite3.Connection, sealer: Sealer) -> int:
-    """The end of a rotation: DKIM keys under the current key, then the key check."""
+def reseal_keys(conn: sqlite3.Connection, sealer: Sealer) -> KeysResealed:
+    """The end of a rotation: DKIM keys under the current key (a row that does not open is
+    skipped and named), then the key check."""
     count = 0
+    damaged = []
     for row in conn.execute(Q["all_domain_keys"]).fetchall():
-        rsa = sealer.seal(sealer.open(bytes(row["rsa_key"]), DKIM), DKIM)
         ed = row["ed25519_key"]
-        ed_sealed = None if ed is None else sealer.seal(sealer.open(bytes(ed), DKIM), DKIM)
+        try:
+            rsa = sealer.seal(sealer.open(bytes(row["rsa_key"]), DKIM), DKIM)
+            ed_sealed = None if ed is None else sealer.seal(sealer.open(bytes(ed), DKIM), DKIM)
+        except KeyMismatch:
+            damaged.append(str(row["name"]))
+            continue
         conn.execute(
             Q["set_domain_keys"], {"name": row["name"], "rsa_key": rsa, "ed25519_key": ed_sealed}
         )
         count += 1
+    # The skipped rows open with neither key, so keeping the old key check would not help them.
     reseal_check(conn, sealer)
-    return count
+    return KeysResealed(count, tuple(damaged))

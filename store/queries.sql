@@ -311,7 +311,9 @@ VALUES (:email, :reason, :code, :enhanced, :text, :message_seq, :now)
 ON CONFLICT (email) DO NOTHING;
 
 -- name: suppression_by_email
-SELECT email, reason, code, enhanced, text, created_at FROM suppressions WHERE email = :email;
+-- A live entry only: an expired one is absent, as for intake (suppressions_among).
+SELECT email, reason, code, enhanced, text, created_at FROM suppressions
+WHERE email = :email AND (expires_at IS NULL OR expires_at > :now);
 
 -- ==== operations: queue tools (summary, retry, cancel, purge) ====
 
@@ -450,13 +452,13 @@ ON CONFLICT (name) DO UPDATE SET value = excluded.value;
 DELETE FROM spool_meta WHERE name = :name;
 
 -- name: bodies_after
-SELECT seq, body FROM messages WHERE seq > :after ORDER BY seq LIMIT :limit;
+SELECT seq, id, body FROM messages WHERE seq > :after ORDER BY seq LIMIT :limit;
 
 -- name: set_body
 UPDATE messages SET body = :body WHERE seq = :seq;
 
 -- name: all_domain_keys
-SELECT name, rsa_key, ed25519_key FROM domains;
+SELECT name, rsa_key, ed25519_key FROM domains ORDER BY name;
 
 -- name: set_domain_keys
 UPDATE domains SET rsa_key = :rsa_key, ed25519_key = :ed25519_key WHERE name = :name;
@@ -752,7 +754,10 @@ FROM suppressions s LEFT JOIN messages m ON m.seq = s.message_seq
 WHERE s.email = :email AND (s.expires_at IS NULL OR s.expires_at > :now);
 
 -- name: delete_suppression
-DELETE FROM suppressions WHERE email = :email RETURNING reason;
+-- A live entry only: an expired one is absent, as for intake (suppressions_among) and GET.
+DELETE FROM suppressions
+WHERE email = :email AND (expires_at IS NULL OR expires_at > :now)
+RETURNING reason;
 
 -- name: spool_secret
 SELECT value FROM spool_secrets WHERE name = :name;
@@ -783,17 +788,16 @@ SELECT count(*) AS rows FROM webhook_outbox WHERE due_at IS NOT NULL;
 
 -- ==== data lifecycle: expired suppressions ====
 
--- name: suppression_window
--- The next `limit` suppression rows in rowid order after :after: one sweep batch looks at this
--- window only, so it touches at most `retention.batch_size` rows whether or not they expired.
--- (A VACUUM may renumber rowids mid-sweep; a row skipped that way expires on the next sweep.)
-SELECT count(*) AS rows, max(rowid) AS last FROM (
-    SELECT rowid FROM suppressions WHERE rowid > :after ORDER BY rowid LIMIT :limit
-);
-
--- name: delete_expired_in_window
+-- name: delete_expired_batch
+-- Up to :limit entries whose expiry passed, oldest expiry first, found through the partial index
+-- suppressions_expires (migration 0009): a batch reads the expired rows only, however long the
+-- list. `expires_at IS NOT NULL` is spelled out so the planner can use the partial index.
 DELETE FROM suppressions
-WHERE rowid > :after AND rowid <= :last AND expires_at IS NOT NULL AND expires_at <= :now
+WHERE rowid IN (
+    SELECT rowid FROM suppressions
+    WHERE expires_at IS NOT NULL AND expires_at <= :now
+    ORDER BY expires_at LIMIT :limit
+)
 RETURNING email, reason;
 
 -- name: delete_expired_suppression

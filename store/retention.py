@@ -4,9 +4,9 @@ Owns what `retention.*` removes: the bodies of finished messages past `content_d
 stays, with `content_removed_at` set), finished messages with every row that belongs to them past
 `metadata_days`, and events, webhook attempts and idempotency keys past it too; last, whatever
 the policy, suppressions whose `expires_at` passed (each with its `suppression.deleted`, written
-by store/suppressions.py). A sweep is a sequence of small batches, one writer job each
-(`sweep_job`), walking indexes with a cursor, so it never holds the writer long and never
-re-reads what it already passed.
+by store/suppressions.py, read through the partial index on `expires_at`). A sweep is a
+sequence of small batches, one writer job each (`sweep_job`), walking indexes with a cursor, so it
+never holds the writer long and never re-reads what it already passed.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def sweep_job(
     phase = cursor.phase
     if phase == _SUPPRESSIONS:
         # Not a retention period: an entry ends at its own `expires_at`, so this phase always runs.
-        expired = suppressions.expire_job(conn, cursor.after_seq, limit, now)
-        after = expired.next_after
-        rest = None if after is None else SweepCursor(_SUPPRESSIONS, after_seq=after)
-        return Swept(SweepStep(len(expired.changes), rest), expired.changes)
+        # Each batch deletes what it read, so the next one starts again at the oldest expiry:
+        # no cursor to carry, and a full batch means another may be due.
+        expired, is_full = suppressions.expire_job(conn, limit, now)
+        rest = SweepCursor(_SUPPRESSIONS) if is_full else None
+        return Swept(SweepStep(len(expired), rest), expired)
     if phase == _CONTENT:
         if policy.content_before is None:
             return Swept(SweepStep(0, SweepCursor(_MESSAGES)))

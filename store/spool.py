@@ -454,8 +454,9 @@ class Spool:
         """Record one attempt's outcomes and their events in one write."""
         by_id = {r.id: r for r in job.recipients}
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> list[suppressions.Change]:
             now = time.time()
+            changes: list[suppressions.Change] = []
             for outcome in outcomes:
                 rcpt = by_id[outcome.recipient_id]
                 reply = outcome.reply
@@ -496,11 +497,14 @@ class Spool:
                     now,
                 )
                 if outcome.suppress and outcome.status is RecipientStatus.BOUNCED:
-                    _suppress(conn, rcpt.email, reply, job.message_seq, job.message_id, now)
+                    changes += _suppress(
+                        conn, rcpt.email, reply, job.message_seq, job.message_id, now
+                    )
             if not self._store_content:
                 retention.remove_content_if_finished(conn, job.message_seq, now)
+            return changes
 
-        await self._writer.run(write)
+        suppressions.log_changes(await self._writer.run(write))
         self.notify_events()
         self._observer.recorded(job, outcomes, time.time())
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
@@ -795,8 +799,10 @@ class Spool:
             raise UnreadableKeys(keys.name, keys.selector, str(exc)) from None
 
     async def suppression(self, email: str) -> Suppression | None:
+        """The address's live entry; None when it has none or its entry expired (unswept)."""
+        params = {"email": email.lower(), "now": time.time()}
         async with self._read() as conn:
-            async with conn.execute(Q["suppression_by_email"], {"email": email.lower()}) as cur:
+            async with conn.execute(Q["suppression_by_email"], params) as cur:
                 row = await cur.fetchone()
         return None if row is None else Suppression.from_row(row)
 
@@ -875,16 +881,18 @@ class Spool:
 
     # -- operations: encryption at rest -------------------------------------------------------
 
-    async def reseal(self, after: int, limit: int) -> PurgeBatch:
+    async def reseal(self, after: int, limit: int) -> crypto.Resealed:
         """Re-encrypt up to `limit` bodies past the cursor with the current key (a key rotation).
 
-        `removed` counts the bodies rewritten; go on from `next_after` until it is None.
+        `changed` counts the bodies rewritten, `skipped` names the messages whose body does not
+        open (damaged: left as they are); go on from `next_after` until it is None.
         """
         sealer = self._limits.sealer
         return await self._writer.run(lambda conn: crypto.reseal_bodies(conn, sealer, after, limit))
 
-    async def finish_reseal(self) -> int:
-        """Re-encrypt the DKIM keys and write the key check for the current key; return keys."""
+    async def finish_reseal(self) -> crypto.KeysResealed:
+        """Re-encrypt the DKIM keys and write the key check for the current key; the domains
+        re-encrypted, and those whose keys do not open (damaged: left as they are)."""
         sealer = self._limits.sealer
         return await self._writer.run(lambda conn: crypto.reseal_keys(conn, sealer))
 
@@ -960,11 +968,48 @@ class Spool:
     # -- sending: domains, suppressions, templates, unsubscribe ---------------------------------
 
     async def list_domains(self) -> list[DomainKeys]:
+        """Every sending domain with its keys; UnreadableKeys when one's keys do not decrypt
+        (`inspect_domains` shows the others and marks that one)."""
+        found = []
+        for keys, damage in await self.inspect_domains():
+            if damage is not None:
+                raise damage
+            found.append(keys)
+        return found
+
+    async def inspect_domains(self) -> list[tuple[DomainKeys, UnreadableKeys | None]]:
+        """Every sending domain, each with its keys opened, or with its damage.
+
+        The DNS records of a domain are derived from its private keys (no public key is stored),
+        so listing decrypts them. A row that does not decrypt comes with its UnreadableKeys and
+        its keys emptied (`rsa_key` b"", `ed25519_key` b"" when it had one, so the algorithm
+        still shows): one damaged row is shown as damaged instead of failing the whole list.
+        """
         async with self._read() as conn, conn.execute(Q["list_domains"]) as cur:
-            return [self._open_keys(DomainKeys.from_row(row)) for row in await cur.fetchall()]
+            rows = await cur.fetchall()
+        return [self._inspect_keys(DomainKeys.from_row(row)) for row in rows]
+
+    async def inspect_domain(self, name: str) -> tuple[DomainKeys, UnreadableKeys | None]:
+        """One sending domain as `inspect_domains` gives it; NotFound when it was never added."""
+        async with self._read() as conn:
+            async with conn.execute(Q["domain_keys"], {"name": name.lower()}) as cur:
+                row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"no sending domain {name.lower()}")
+        return self._inspect_keys(DomainKeys.from_row(row))
+
+    def _inspect_keys(self, sealed: DomainKeys) -> tuple[DomainKeys, UnreadableKeys | None]:
+        try:
+            return self._open_keys(sealed), None
+        except UnreadableKeys as exc:
+            emptied = dataclasses.replace(
+                sealed, rsa_key=b"", ed25519_key=None if sealed.ed25519_key is None else b""
+            )
+            return emptied, exc
 
     async def get_domain(self, name: str) -> DomainKeys:
-        """A sending domain; NotFound when it was never added."""
+        """A sending domain; NotFound when it was never added, UnreadableKeys when its keys do
+        not decrypt."""
         keys = await self.domain_keys(name)
         if keys is None:
             raise NotFound(f"no sending domain {name.lower()}")
@@ -1080,9 +1125,16 @@ def _suppress(
     message_seq: int,
     message_id: str,
     now: float,
-) -> None:
-    """Add a recipient-caused bounce's address to the suppression list, once, with its event."""
+) -> list[suppressions.Change]:
+    """Add a recipient-caused bounce's address to the suppression list, once, with its event;
+    return the changes made (logged after the commit).
+
+    An expired entry the sweep has not reached yet is ended first, with its own
+    `suppression.deleted`, as `add_suppressions` does: it must not block the new entry.
+    """
     address = email.lower()
+    ended = suppressions.end_expired(conn, address, now)
+    changes = [] if ended is None else [ended]
     cur = conn.execute(
         Q["insert_suppression"],
         {
@@ -1096,7 +1148,7 @@ def _suppress(
         },
     )
     if cur.rowcount == 0:
-        return  # already suppressed: no second event
+        return changes  # already suppressed: no second event
     data: dict[str, object] = {
         "email": address, "reason": "hard_bounce", "message_id": message_id
     }
@@ -1114,6 +1166,8 @@ def _suppress(
         ],
         now,
     )
+    changes.append(suppressions.Change(address, "hard_bounce", suppressions.Action.ADDED))
+    return changes
 
 
 def _group_jobs(

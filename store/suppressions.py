@@ -95,12 +95,9 @@ def add_job(conn: sqlite3.Connection, entries: Sequence[NewSuppression], now: fl
     events = []
     for entry in entries:
         address = entry.email.lower()
-        old = conn.execute(
-            Q["delete_expired_suppression"], {"email": address, "now": now}
-        ).fetchone()
-        if old is not None:
-            events.append(expired_event(address, old[0]))
-            changes.append(Change(address, old[0], Action.EXPIRED))
+        ended = end_expired(conn, address, now)
+        if ended is not None:
+            changes.append(ended)
         cur = conn.execute(
             Q["upsert_suppression"],
             {
@@ -124,9 +121,22 @@ def add_job(conn: sqlite3.Connection, entries: Sequence[NewSuppression], now: fl
     return Applied(tuple(added), tuple(changes))
 
 
+def end_expired(conn: sqlite3.Connection, email: str, now: float) -> Change | None:
+    """Take `email`'s entry off if it has expired but is still in the table (the sweep has not
+    reached it), with its `suppression.deleted` (expired): before a new entry for the address
+    begins, so the event log shows the old one ending first. `email` is lower-case."""
+    old = conn.execute(Q["delete_expired_suppression"], {"email": email, "now": now}).fetchone()
+    if old is None:
+        return None
+    append_events(conn, [expired_event(email, old[0])], now)
+    return Change(email, old[0], Action.EXPIRED)
+
+
 def remove_job(conn: sqlite3.Connection, email: str, now: float) -> Change:
+    """Take a live entry off; an expired one is already absent (NotFound), as it is for intake,
+    the list and GET, and the sweep ends it with its own event."""
     address = email.lower()
-    row = conn.execute(Q["delete_suppression"], {"email": address}).fetchone()
+    row = conn.execute(Q["delete_suppression"], {"email": address, "now": now}).fetchone()
     if row is None:
         raise NotFound(f"{address} is not suppressed")
     append_events(
@@ -164,28 +174,20 @@ def unsubscribe_job(
     return applied
 
 
-@dataclass(frozen=True, slots=True)
-class Expired:
-    """One window of the expiry sweep: the entries it took off, and the last rowid it looked
-    at (None: the window was not full, the table is done)."""
+def expire_job(
+    conn: sqlite3.Connection, limit: int, now: float
+) -> tuple[tuple[Change, ...], bool]:
+    """Take off up to `limit` entries whose `expires_at` passed, one `suppression.deleted`
+    each, in this job's transaction (a sweep batch, store/retention.py); and whether the batch
+    was full (more may be due).
 
-    changes: tuple[Change, ...]
-    next_after: int | None
-
-
-def expire_job(conn: sqlite3.Connection, after: int, limit: int, now: float) -> Expired:
-    """Take expired entries off among the next `limit` rows after rowid `after`, one
-    `suppression.deleted` each, in this job's transaction (a sweep batch, store/retention.py)."""
-    window = conn.execute(Q["suppression_window"], {"after": after, "limit": limit}).fetchone()
-    if not window["rows"]:
-        return Expired((), None)
-    last = int(window["last"])
-    rows = conn.execute(
-        Q["delete_expired_in_window"], {"after": after, "last": last, "now": now}
-    ).fetchall()
+    The rows come from the partial index on `expires_at` (migration 0009): a batch reads only
+    expired rows, never the rest of the list.
+    """
+    rows = conn.execute(Q["delete_expired_batch"], {"now": now, "limit": limit}).fetchall()
     changes = tuple(Change(row["email"], row["reason"], Action.EXPIRED) for row in rows)
     append_events(conn, [expired_event(c.email, c.reason) for c in changes], now)
-    return Expired(changes, last if window["rows"] >= limit else None)
+    return changes, len(rows) >= limit
 
 
 def _message_seq(conn: sqlite3.Connection, entry: NewSuppression) -> int | None:

@@ -4,6 +4,7 @@ out. Also: `Spool.open` leaves nothing behind when a reader connection cannot be
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -11,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from tests.conftest import Running
 from tests.support import MxSink
 from tests.test_delivery import settled
 from tests.test_encryption import new_key
+from tests.test_queue_tools import run
 
 SECRET_TEXT = b"the vault code is 7734-BLUEBIRD"
 
@@ -219,3 +222,101 @@ async def test_spool_open_closes_the_writer_when_a_reader_does_not_open(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert not _spool_writer_threads()
     assert _open_fds() == before
+
+
+async def test_a_damaged_dkim_key_shows_as_damaged_and_never_fails_the_domain_list(
+    start: Callable[..., Any], make_settings: Callable[..., Settings]
+):
+    key = new_key()
+    settings = make_settings(storage={"encryption_key": key})
+    acme = generate_keys("acme.test", "s1", True, time.time())
+    other = generate_keys("other.test", "s2", False, time.time())
+    await queue_offline(settings, [], domains=[acme, other])
+    rsa = stored(settings, "SELECT rsa_key FROM domains WHERE name = 'acme.test'", {})
+    overwrite(settings, "UPDATE domains SET rsa_key = :key WHERE name = 'acme.test'",
+              {"key": flip_last_byte(rsa)})
+
+    running: Running = await start(storage={"encryption_key": key})
+    async with running.http(await running.new_key()) as http:
+        listed = await http.get("/v1/domains")
+        assert listed.status_code == 200, listed.text
+        by_name = {d["name"]: d for d in listed.json()["data"]}
+        shown = await http.get("/v1/domains/acme.test")
+        assert shown.status_code == 200, shown.text
+        verified = await http.post("/v1/domains/acme.test/verify")
+        good = (await http.get("/v1/domains/other.test")).json()
+
+        # Replacing the domain, as the problem says, makes it whole again.
+        assert (await http.delete("/v1/domains/acme.test")).status_code == 204
+        assert (await http.post("/v1/domains", json={"name": "acme.test"})).status_code == 201
+        again = (await http.get("/v1/domains/acme.test")).json()
+
+    damaged = by_name["acme.test"]
+    assert damaged["status"] == "key_damaged" and damaged["records"] == []
+    assert damaged["selector"] == "s1" and damaged["algorithm"] == "both"
+    assert "cannot be decrypted" in damaged["problem"]
+    assert "postroom domains remove acme.test" in damaged["problem"]
+    assert "postroom domains add acme.test" in damaged["problem"]
+    assert shown.json() == damaged
+    assert by_name["other.test"]["status"] == "ok" and by_name["other.test"]["records"]
+    assert good == by_name["other.test"]
+    # Where the key itself is needed, the error says it is damaged, not "try again later".
+    assert verified.status_code == 500, verified.text
+    assert verified.json()["error"] == "dkim_key_damaged"
+    assert "postroom domains remove acme.test" in verified.json()["message"]
+    assert "try again" not in verified.json()["message"]
+    assert again["status"] == "ok" and again["records"]
+    pem_lines = [line.decode() for line in acme.rsa_key.splitlines()[1:-1]]
+    answers = listed.text + shown.text + verified.text
+    assert key not in answers and not any(line in answers for line in pem_lines)
+
+
+async def test_rotate_key_skips_and_names_damaged_rows_and_re_encrypts_the_rest(
+    make_settings: Callable[..., Settings], tmp_path: Path
+):
+    key, newer = new_key(), new_key()
+    settings = make_settings(storage={"encryption_key": key})
+    acme = generate_keys("acme.test", "s1", True, time.time())
+    other = generate_keys("other.test", "s2", True, time.time())
+    ids = await queue_offline(
+        settings,
+        [Submission("app@acme.test", (f"u{n}@example.test",), content("app@acme.test", str(n)),
+                    Source.API) for n in range(3)],
+        domains=[acme, other],
+    )
+    body = stored(settings, "SELECT body FROM messages WHERE id = :id", {"id": ids[1]})
+    overwrite(settings, "UPDATE messages SET body = :body WHERE id = :id",
+              {"body": flip_last_byte(body), "id": ids[1]})
+    ed = stored(settings, "SELECT ed25519_key FROM domains WHERE name = 'acme.test'", {})
+    overwrite(settings, "UPDATE domains SET ed25519_key = :key WHERE name = 'acme.test'",
+              {"key": flip_last_byte(ed)})
+
+    config = tmp_path / "rotate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{settings.server.data_dir}"\n'
+        f'[storage]\nencryption_key = "{newer}"\nprevious_encryption_key = "{key}"\n'
+    )
+    rotated = await run(config, "db", "rotate-key", "--json")
+    assert rotated.exit_code == 1, rotated.output
+    assert json.loads(rotated.stdout) == {
+        "bodies": 2, "domains": 1, "damaged_messages": [ids[1]], "damaged_domains": ["acme.test"]
+    }
+    human = await run(config, "db", "rotate-key")  # again: nothing left to do but the damage
+    assert human.exit_code == 1
+    assert "skipped 1 damaged body(ies) that open with neither key" in human.stdout
+    assert ids[1] in human.stdout and "postroom domains remove acme.test" in human.stdout
+    assert key not in rotated.output + human.output
+
+    # The rest opens with the new key alone.
+    newer_only = make_settings(storage={"encryption_key": newer})
+    sealer = Sealer(current=decode_key(newer))
+    for message_id in (ids[0], ids[2]):
+        sealed = stored(newer_only, "SELECT body FROM messages WHERE id = :id", {"id": message_id})
+        assert SECRET_TEXT in sealer.open(sealed, BODY)
+    spool = await Spool.open(newer_only)
+    try:
+        assert await spool.domain_keys("other.test") == other
+        [(_, damage)] = [d for d in await spool.inspect_domains() if d[0].name == "acme.test"]
+        assert damage is not None and damage.domain == "acme.test"
+    finally:
+        await spool.close()

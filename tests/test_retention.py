@@ -16,10 +16,14 @@ from store import (
     EventType,
     MessageStatus,
     NewSuppression,
+    RetentionPolicy,
     Source,
+    Spool,
     Submission,
     SuppressionReason,
+    SweepCursor,
 )
+from store.sql import Q
 from tests.conftest import Running
 from tests.support import MxSink, WebhookSink, wait_until
 
@@ -186,3 +190,39 @@ async def test_sweep_expires_suppressions_with_events_webhooks_and_log_lines(
     # The address can be mailed again.
     again = await submit(running, "soon@example.test")
     await settled(running, again, MessageStatus.DELIVERED)
+
+
+async def test_expiry_reads_expired_rows_through_the_index_not_the_whole_list(
+    make_settings: Any,
+):
+    spool = await Spool.open(make_settings())
+    now = time.time()
+    try:
+        # A long list that never expires, three expired entries and one still live.
+        await spool.add_suppressions(
+            [NewSuppression(f"keep{n}@example.test") for n in range(600)]
+            + [NewSuppression(f"gone{n}@example.test", expires_at=now - n - 1) for n in range(3)]
+            + [NewSuppression("later@example.test", expires_at=now + 3600)]
+        )
+        keep_everything = RetentionPolicy(content_before=None, metadata_before=None)
+        cursor: SweepCursor | None = SweepCursor()
+        batches: list[int] = []
+        while cursor is not None:
+            step = await spool.sweep(keep_everything, cursor, 2, now)
+            batches.append(step.removed)
+            cursor = step.next
+    finally:
+        await spool.close()
+    # Two phases that keep everything, then batches of at most two expired rows: the 600
+    # entries that never expire cost no batch (a walk over the table took 300).
+    assert batches == [0, 0, 2, 1]
+    with sqlite3.connect(make_settings().spool_path) as conn:
+        left = {e for (e,) in conn.execute("SELECT email FROM suppressions")}
+        plan = " ".join(
+            row[-1] for row in conn.execute(
+                "EXPLAIN QUERY PLAN " + Q["delete_expired_batch"], {"now": now, "limit": 2}
+            )
+        )
+    assert len(left) == 601 and "later@example.test" in left
+    assert not any(e.startswith("gone") for e in left)
+    assert "suppressions_expires" in plan, plan

@@ -237,3 +237,55 @@ def test_cli_import_reads_an_excel_bom_and_names_the_reasons(
         "manual): b@example.test,bogus,"
     )
     assert "line 1" not in imported.stderr  # the header row, BOM and all, is skipped
+
+
+async def test_a_hard_bounce_over_an_expired_entry_ends_it_and_suppresses(
+    postroom: Running, mx_sink: MxSink, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="store")
+    spool = postroom.spool
+    # Expired, not yet swept: intake lets the mail through, the MX refuses the address.
+    await spool.add_suppressions([
+        NewSuppression("gone@example.test", SuppressionReason.COMPLAINT, time.time() - 1)
+    ])
+    mx_sink.script_rcpt("gone@example.test", "550 5.1.1 No such user")
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        sent = await http.post("/v1/messages", json=send_body("gone@example.test"))
+    assert sent.status_code == 202 and sent.json()["status"] == "queued", sent.text
+
+    async def bounced() -> bool:
+        return await status_of(postroom, sent.json()["id"]) is RecipientStatus.BOUNCED
+
+    await wait_until(bounced)
+    entry = await spool.suppression("gone@example.test")
+    assert entry is not None and entry.reason == "hard_bounce"
+    assert entry.reply is not None and entry.reply.enhanced == "5.1.1"
+    found = await spool.list_events(EventFilter(recipient="gone@example.test"))
+    changes = [(e.type, e.data["reason"]) for e in found if e.type.value.startswith("supp")]
+    assert changes == [
+        (EventType.SUPPRESSION_CREATED, "complaint"),
+        (EventType.SUPPRESSION_DELETED, "complaint"),
+        (EventType.SUPPRESSION_CREATED, "hard_bounce"),
+    ]
+    assert [e.data.get("expired") for e in found if e.type is EventType.SUPPRESSION_DELETED] == [
+        True
+    ]
+    assert suppression_lines(caplog)[1:] == [
+        "suppression: gone@example.test reason=complaint action=expired",
+        "suppression: gone@example.test reason=hard_bounce action=added",
+    ]
+
+
+async def test_an_expired_unswept_entry_is_absent_for_get_and_delete(postroom: Running):
+    spool = postroom.spool
+    await spool.add_suppressions([NewSuppression("was@example.test", expires_at=time.time() - 1)])
+    assert await spool.suppression("WAS@example.test") is None
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        assert (await http.get("/v1/suppressions/was@example.test")).status_code == 404
+        deleted = await http.delete("/v1/suppressions/was@example.test")
+        assert deleted.status_code == 404, deleted.text
+        assert deleted.json()["error"] == "not_found"
+    # Nothing was changed: the sweep ends the entry, with its expired event.
+    assert await spool.list_events(EventFilter(type=EventType.SUPPRESSION_DELETED)) == []
