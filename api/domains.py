@@ -47,13 +47,8 @@ def _out(
     state: AppState, keys: DomainKeys, damage: UnreadableKeys | None = None
 ) -> dict[str, object]:
     if damage is not None:
-        out = DomainOut.of(keys, []).to_json()
-        out["status"] = "key_damaged"
-        out["problem"] = damaged_key_message(damage)
-        return out
-    out = DomainOut.of(keys, _tools(state).records(keys)).to_json()
-    out["status"] = "ok"
-    return out
+        return DomainOut.of(keys, [], damaged_key_message(damage)).to_json()
+    return DomainOut.of(keys, _tools(state).records(keys)).to_json()
 
 
 async def add_domain(request: Request) -> JSONResponse:

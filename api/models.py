@@ -862,9 +862,15 @@ class DomainOut(BaseModel):
     default_sender_name: str | None
     created_at: str
     records: list[DnsRecordOut]
+    #: `ok`, or `key_damaged` when the stored DKIM key does not decrypt: then no records
+    #: (they are derived from the key) and `problem` says how to replace it.
+    status: Literal["ok", "key_damaged"] = "ok"
+    problem: str | None = None
 
     @classmethod
-    def of(cls, keys: DomainKeys, records: list[DnsRecord]) -> DomainOut:
+    def of(
+        cls, keys: DomainKeys, records: list[DnsRecord], problem: str | None = None
+    ) -> DomainOut:
         return cls(
             name=keys.name,
             selector=keys.selector,
@@ -872,6 +878,8 @@ class DomainOut(BaseModel):
             default_sender_name=keys.default_sender_name,
             created_at=format_time(keys.created_at),
             records=[DnsRecordOut.of(r) for r in records],
+            status="ok" if problem is None else "key_damaged",
+            problem=problem,
         )
 
     def to_json(self) -> dict[str, Any]:

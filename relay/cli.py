@@ -21,12 +21,13 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
 
 from api.errors import ValidationFailed as ApiValidationFailed
+from api.errors import damaged_key_message
 from api.models import (
     DomainCreate,
     DomainOut,
@@ -58,6 +59,7 @@ from store import (
     AttemptResult,
     CancelResult,
     Conflict,
+    DomainKeys,
     Event,
     EventFilter,
     EventType,
@@ -74,6 +76,7 @@ from store import (
     SuppressionFilter,
     SuppressionReason,
     Template,
+    UnreadableKeys,
     UrlRefusal,
     format_time,
     migrate,
@@ -81,6 +84,9 @@ from store import (
 )
 from store import backup as store_backup
 from store import check as store_check
+
+if TYPE_CHECKING:
+    from relay.domains import Domains
 
 T = TypeVar("T")
 
@@ -496,14 +502,16 @@ def domains_list(ctx: click.Context, as_json: bool) -> None:
 
     settings = settings_of(ctx)
     tools = Domains(settings)
-    found = with_spool(settings, lambda spool: spool.list_domains())
-    data = [DomainOut.of(k, tools.records(k)).to_json() for k in found]
+    found = with_spool(settings, lambda spool: spool.inspect_domains())
+    data = [_domain_out(tools, k, damage) for k, damage in found]
 
     def human() -> None:
         for row in data:
             name = f"  sender name {row['default_sender_name']!r}" if row[
                 "default_sender_name"] else ""
             click.echo(f"{row['name']}  selector={row['selector']} {row['algorithm']}{name}")
+            if row["problem"]:
+                click.echo(f"  {row['problem']}")
 
     emit(data, as_json, human)
 
@@ -517,9 +525,21 @@ def domains_show(ctx: click.Context, name: str, as_json: bool) -> None:
     from relay.domains import Domains
 
     settings = settings_of(ctx)
-    keys = with_spool(settings, lambda spool: spool.get_domain(name.rstrip(".").lower()))
-    out = DomainOut.of(keys, Domains(settings).records(keys)).to_json()
-    emit(out, as_json, lambda: _show_domain(out, f"{keys.name}: publish these records:"))
+    keys, damage = with_spool(
+        settings, lambda spool: spool.inspect_domain(name.rstrip(".").lower())
+    )
+    out = _domain_out(Domains(settings), keys, damage)
+    title = f"{keys.name}: publish these records:" if damage is None else f"{keys.name}:"
+    emit(out, as_json, lambda: _show_domain(out, title))
+    if damage is not None:
+        raise click.ClickException(out["problem"])
+
+
+def _domain_out(tools: Domains, keys: DomainKeys, damage: UnreadableKeys | None) -> dict[str, Any]:
+    """A domain as `domains list`/`show` print it; a damaged key is shown, not raised."""
+    if damage is not None:
+        return DomainOut.of(keys, [], damaged_key_message(damage)).to_json()
+    return DomainOut.of(keys, tools.records(keys)).to_json()
 
 
 @domains.command("verify")
@@ -527,8 +547,8 @@ def domains_show(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def domains_verify(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Look the domain's records up in DNS now: each ok, missing or wrong (exit 1 unless all
-    are ok)."""
+    """Look the domain's records up in DNS now: each ok, missing, wrong or unknown (the lookup
+    failed); exit 1 unless all are ok."""
     from relay.domains import Domains
 
     settings = settings_of(ctx)

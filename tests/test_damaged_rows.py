@@ -320,3 +320,32 @@ async def test_rotate_key_skips_and_names_damaged_rows_and_re_encrypts_the_rest(
         assert damage is not None and damage.domain == "acme.test"
     finally:
         await spool.close()
+
+
+async def test_domains_list_and_show_name_a_damaged_key_and_list_the_rest(
+    make_settings: Callable[..., Settings], tmp_path: Path
+):
+    key = new_key()
+    settings = make_settings(storage={"encryption_key": key})
+    acme = generate_keys("acme.test", "s1", False, time.time())
+    other = generate_keys("other.test", "s2", False, time.time())
+    await queue_offline(settings, [], domains=[acme, other])
+    rsa = stored(settings, "SELECT rsa_key FROM domains WHERE name = 'acme.test'", {})
+    overwrite(settings, "UPDATE domains SET rsa_key = :key WHERE name = 'acme.test'",
+              {"key": flip_last_byte(rsa)})
+    config = tmp_path / "cli.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{settings.server.data_dir}"\n[storage]\nencryption_key = "{key}"\n'
+    )
+
+    listed = await run(config, "domains", "list", "--json")
+    shown = await run(config, "domains", "show", "acme.test")
+
+    assert listed.exit_code == 0, listed.output
+    by_name = {d["name"]: d for d in json.loads(listed.stdout)}
+    assert by_name["other.test"]["status"] == "ok" and by_name["other.test"]["records"]
+    assert by_name["acme.test"]["status"] == "key_damaged"
+    assert "postroom domains remove acme.test" in by_name["acme.test"]["problem"]
+    assert shown.exit_code == 1
+    assert "postroom domains remove acme.test" in shown.output
+    assert "Traceback" not in listed.output + shown.output and key not in shown.output
