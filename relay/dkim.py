@@ -188,11 +188,16 @@ def from_domain(content: bytes) -> str | None:
 
 
 def headers_to_sign(content: bytes) -> list[bytes]:
-    """The `h=` list: signed headers as often as they occur, over-signed ones once more."""
+    """The `h=` list: signed headers as often as they occur, over-signed ones once more.
+
+    The identity headers are listed once more even when the message has none: a name in `h=`
+    with no field left to sign signs its absence (RFC 6376 §5.4.2), so nobody can add a
+    `Reply-To:`, `Sender:` or `Cc:` after signing without breaking the signature.
+    """
     head = content.split(b"\r\n\r\n", 1)[0]
     present = [m.group(1).lower() for m in _HEADER_NAME.finditer(head)]
     names = [n for n in present if n.decode("ascii", "replace") in _SIGNED]
-    names += [n.encode() for n in _OVERSIGNED if n.encode() in present]
+    names += [n.encode() for n in _OVERSIGNED]
     return names
 
 

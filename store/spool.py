@@ -606,8 +606,7 @@ class Spool:
     async def has_due_webhooks(self, now: float | None = None) -> bool:
         """Whether any outbox row is due (a cheap read before claiming through the writer)."""
         at = time.time() if now is None else now
-        async with self._read() as conn, conn.execute(Q["has_due_webhooks"], {"now": at}) as cur:
-            return await cur.fetchone() is not None
+        return bool(await self._point_read(Q["has_due_webhooks"], {"now": at}))
 
     async def claim_webhook_deliveries(
         self, max_rows: int, per_endpoint: int, busy: Mapping[int, int], lease: float

@@ -94,9 +94,26 @@ def test_signatures_verify_and_follow_policy(dns: DnsServer, both: bool):
         assert dkim.DKIM(signed).verify(idx=index, dnsfunc=dns_lookup(dns))
 
 
-def test_headers_to_sign_oversigns_only_present_identity_headers():
+def test_headers_to_sign_oversigns_every_identity_header_present_or_not():
     content = b"From: a@acme.test\r\nsubject: x\r\nX-Other: y\r\n\r\nbody\r\n"
-    assert headers_to_sign(content) == [b"from", b"subject", b"from", b"subject"]
+    names = headers_to_sign(content)
+    assert names[:2] == [b"from", b"subject"]  # as they occur; X-Other is not signed
+    assert names.count(b"from") == 2 and names.count(b"subject") == 2
+    assert b"reply-to" in names and b"sender" in names and b"cc" in names
+    assert b"x-other" not in names
+
+
+def test_an_identity_header_added_after_signing_breaks_the_signature(dns: DnsServer):
+    keys = generate_keys("acme.test", "s1", with_ed25519=False, now=0)
+    publish(dns, keys)
+    signed = Signer(keys).sign(HEADERS + BODY.replace(b"\n", b"\r\n"))
+    assert dkim.DKIM(signed).verify(dnsfunc=dns_lookup(dns))
+    head, sep, body = signed.partition(b"\r\n\r\n")
+    for added in (b"Reply-To: attacker@evil.test", b"Sender: attacker@evil.test",
+                  b"Cc: victim@example.test"):
+        assert added.split(b":")[0].lower() + b":" not in head.lower()
+        forged = head + b"\r\n" + added + sep + body
+        assert not dkim.DKIM(forged).verify(dnsfunc=dns_lookup(dns)), added
 
 
 @pytest.mark.parametrize(
