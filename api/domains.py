@@ -17,10 +17,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import authenticate
+from api.body import read_object
 from api.errors import NotFoundError, ServiceUnavailable, damaged_key_message
 from api.models import DomainCreate, DomainOut, DomainPatch, check_domain_name
 from api.types import AppState, DomainTools
-from api.webhooks import _body
 from store import DomainKeys, Scope, UnreadableKeys
 
 
@@ -53,7 +53,7 @@ def _out(
 
 async def add_domain(request: Request) -> JSONResponse:
     state = await _state(request)
-    wanted = await _body(request, DomainCreate)
+    wanted = await read_object(request, DomainCreate)
     tools = _tools(state)
     # RSA key generation takes tens of milliseconds: off the event loop.
     keys = await asyncio.to_thread(
@@ -79,7 +79,7 @@ async def get_domain(request: Request) -> JSONResponse:
 async def patch_domain(request: Request) -> JSONResponse:
     state = await _state(request)
     name = _name(request)
-    change = await _body(request, DomainPatch)
+    change = await read_object(request, DomainPatch)
     await state.spool.set_default_sender_name(name, change.default_sender_name)
     keys, damage = await state.spool.inspect_domain(name)
     return JSONResponse(_out(state, keys, damage))

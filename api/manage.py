@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.auth import authenticate
+from api.body import MAX_OBJECT_BODY, read_json
 from api.errors import ApiError, Conflict, Detail, ValidationFailed, from_validation_error
 from api.events import parse_limit
-from api.messages import read_json
 from api.models import (
     MessageChangeOut,
     MessagePageOut,
@@ -41,7 +41,6 @@ from store import (
 )
 
 _CURSOR_PREFIX = "m1:"
-_MAX_BODY = 64 * 1024
 
 
 def encode_cursor(seq: int) -> str:
@@ -144,7 +143,7 @@ async def cancel_message(request: Request) -> JSONResponse:
 async def patch_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     await authenticate(request, state.spool, Scope.FULL)
-    body = await read_json(request, _MAX_BODY)
+    body = await read_json(request, MAX_OBJECT_BODY)
     if not isinstance(body, dict):
         raise ValidationFailed("the request body must be a JSON object")
     refuse_unencodable(body)

@@ -22,14 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from api.auth import authenticate
+from api.body import read_json
 from api.compose import compose, envelope_recipients, envelope_sender
 from api.errors import (
     ApiError,
-    BadRequest,
     Detail,
     Forbidden,
     InvalidRecipient,
-    PayloadTooLarge,
     TemplateRenderError,
     ValidationFailed,
     body_of,
@@ -68,24 +67,6 @@ from store import (
 )
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing more than `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadRequest() from None
 
 
 # -- one item through validation and composition (pure: no I/O, runs in a thread for batches) ---

@@ -10,11 +10,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import authenticate
+from api.body import read_object
 from api.errors import Detail, NotFoundError, ValidationFailed
 from api.events import parse_limit
 from api.models import SuppressionCreate, SuppressionOut, normalise_address
 from api.types import AppState
-from api.webhooks import _body
 from store import NewSuppression, Scope, SuppressionFilter, SuppressionReason
 
 
@@ -69,7 +69,7 @@ async def get_suppression(request: Request) -> JSONResponse:
 
 async def add_suppressions(request: Request) -> JSONResponse:
     state = await _state(request)
-    wanted = await _body(request, SuppressionCreate)
+    wanted = await read_object(request, SuppressionCreate)
     addresses = wanted.addresses
     expires = wanted.expires_at.timestamp() if wanted.expires_at else None
     added = await state.spool.add_suppressions(

@@ -8,11 +8,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import authenticate
+from api.body import read_object
 from api.errors import Detail, ValidationFailed
 from api.models import TemplateIn, TemplateOut
 from api.template_engine import check_syntax
 from api.types import AppState
-from api.webhooks import _body
 from store import Scope
 
 
@@ -34,7 +34,7 @@ def check_template(wanted: TemplateIn) -> None:
 
 async def create_template(request: Request) -> JSONResponse:
     state = await _state(request)
-    wanted = await _body(request, TemplateIn)
+    wanted = await read_object(request, TemplateIn)
     check_template(wanted)
     template = await state.spool.create_template(
         wanted.name, wanted.subject, wanted.html, wanted.text
@@ -56,7 +56,7 @@ async def get_template(request: Request) -> JSONResponse:
 
 async def replace_template(request: Request) -> JSONResponse:
     state = await _state(request)
-    wanted = await _body(request, TemplateIn)
+    wanted = await read_object(request, TemplateIn)
     check_template(wanted)
     template = await state.spool.update_template(
         request.path_params["id"], wanted.name, wanted.subject, wanted.html, wanted.text

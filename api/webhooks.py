@@ -4,17 +4,16 @@ attempt log, and replay. The dispatcher (through `AppState.webhooks`) checks URL
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from api.auth import authenticate
-from api.errors import ApiError, Detail, ServiceUnavailable, ValidationFailed, from_validation_error
+from api.body import read_object
+from api.errors import ApiError, Detail, ServiceUnavailable, ValidationFailed
 from api.events import parse_cursor, parse_limit
-from api.messages import read_json
 from api.models import (
     AttemptOut,
     ReplayRequest,
@@ -22,13 +21,10 @@ from api.models import (
     WebhookOut,
     WebhookPatch,
     WebhookSecretOut,
-    refuse_unencodable,
 )
 from api.types import AppState, WebhookGateway
 from store import NewWebhook, Scope, WebhookChange
 
-M = TypeVar("M", bound=BaseModel)
-_MAX_BODY = 64 * 1024
 #: SQLite integers are signed 64-bit: a larger number would fail in the query, not here.
 _MAX_INT = 2**63 - 1
 
@@ -55,19 +51,6 @@ def _gateway(state: AppState) -> WebhookGateway:
     return state.webhooks
 
 
-async def _body(request: Request, model: type[M]) -> M:
-    """A JSON object body as `model`: the one reader of the webhook, template, domain and
-    suppression routes. A lone surrogate anywhere in it is a 422 naming its path."""
-    body = await read_json(request, _MAX_BODY)
-    if not isinstance(body, dict):
-        raise ValidationFailed("the request body must be a JSON object")
-    refuse_unencodable(body)
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
 async def _check_url(state: AppState, url: str) -> None:
     refusal = await _gateway(state).check_url(url)
     if refusal is not None:
@@ -83,7 +66,7 @@ def _with_secret(new: NewWebhook) -> dict[str, Any]:
 
 async def create_webhook(request: Request) -> JSONResponse:
     state = await _state(request)
-    create = await _body(request, WebhookCreate)
+    create = await read_object(request, WebhookCreate)
     await _check_url(state, create.url)
     new = await state.spool.create_webhook(
         create.url, tuple(create.events), create.description, create.enabled
@@ -105,7 +88,7 @@ async def get_webhook(request: Request) -> JSONResponse:
 
 async def update_webhook(request: Request) -> JSONResponse:
     state = await _state(request)
-    patch = await _body(request, WebhookPatch)
+    patch = await read_object(request, WebhookPatch)
     if patch.url is not None:
         await _check_url(state, patch.url)
     change = WebhookChange(
@@ -159,7 +142,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
 
 async def replay(request: Request) -> JSONResponse:
     state = await _state(request)
-    replay = await _body(request, ReplayRequest)
+    replay = await read_object(request, ReplayRequest)
     from_event = parse_cursor(replay.event_id, "event_id") or 0
     since = replay.since.timestamp() if replay.since else 0.0
     queued = await state.spool.replay_webhook(request.path_params["id"], from_event, since)
