@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
@@ -268,6 +270,26 @@ class SubmissionSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         await super().push(enhance_reply(status) if isinstance(status, str) else status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd 1.4's own version parses the same way but first defines a typing.Protocol
+        # class on every call: about 25 µs of the loop per MAIL and per RCPT (profiled under
+        # bench/accept_smtp.py). Same parse, same limits, same answers.
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                angle, rest = get_angle_addr(arg)
+                addr: str = angle.addr_spec
+            else:
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
+        except HeaderParseError:
+            return None, None
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
