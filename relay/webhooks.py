@@ -201,6 +201,7 @@ class WebhookDispatcher:
                         per_endpoint=cfg.max_concurrency_per_endpoint,
                         busy=dict(self._busy),
                         lease=cfg.lease,
+                        now=self._clock(),
                     )
                 except StoreError as exc:
                     # The spool could not commit the claim: try again at the next poll.

@@ -609,15 +609,23 @@ class Spool:
         return bool(await self._point_read(Q["has_due_webhooks"], {"now": at}))
 
     async def claim_webhook_deliveries(
-        self, max_rows: int, per_endpoint: int, busy: Mapping[int, int], lease: float
+        self,
+        max_rows: int,
+        per_endpoint: int,
+        busy: Mapping[int, int],
+        lease: float,
+        now: float | None = None,
     ) -> list[WebhookDelivery]:
-        """Lease due outbox rows, round-robin over endpoints (see `webhooks.claim_job`)."""
+        """Lease due outbox rows, round-robin over endpoints (see `webhooks.claim_job`).
+
+        `now` is the caller's clock (the dispatcher's, so a test clock drives what is due and
+        the lease); None reads the wall clock.
+        """
+        at = time.time() if now is None else now
         start = self._rotation
         self._rotation += 1
         return await self._writer.run(
-            lambda conn: webhooks.claim_job(
-                conn, max_rows, per_endpoint, busy, lease, time.time(), start
-            )
+            lambda conn: webhooks.claim_job(conn, max_rows, per_endpoint, busy, lease, at, start)
         )
 
     async def record_webhook_attempt(

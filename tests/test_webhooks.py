@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,14 +17,16 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from relay.egress import is_public, literal_address
-from relay.webhooks import decide, retry_at, sign
+from config import Settings
+from relay.egress import Egress, build_resolver, is_public, literal_address
+from relay.webhooks import WebhookDispatcher, decide, retry_at, sign
 from store import (
     AttemptResult,
     NewWebhook,
     OutboxStatus,
     Scope,
     Source,
+    Spool,
     Submission,
     WebhookEndpoint,
 )
@@ -523,6 +529,134 @@ async def test_a_hanging_endpoint_does_not_delay_another(
         await mx_sink.wait_for_messages(1)
         await hanging.wait_for_requests(1)
         assert await attempts_of(postroom, key, stuck["id"]) == []
+
+
+# -- retry timing, with a clock the test advances -------------------------------------------------
+
+
+class FakeClock:
+    """The dispatcher's time: it moves only when the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_clock() -> FakeClock:
+    # Ahead of the wall clock, which stamps the outbox rows `accept` writes (due at once), and a
+    # whole second, so `webhook-timestamp` (whole seconds) is exactly the clock's time.
+    return FakeClock(float(int(time.time()) + 100))
+
+
+@asynccontextmanager
+async def dispatching(
+    make_settings: Callable[..., Settings], clock: FakeClock, **webhooks: Any
+) -> AsyncIterator[tuple[Spool, Settings]]:
+    """A real spool and a real dispatcher running on `clock`, polling every 20 ms (real)."""
+    settings = make_settings(
+        webhooks={"allow_private_networks": True, "poll_interval": "20ms", **webhooks}
+    )
+    spool = await Spool.open(settings)
+    dispatcher = WebhookDispatcher(
+        spool, settings, Egress(build_resolver(settings), True), clock=clock
+    )
+    running = asyncio.create_task(dispatcher.run())
+    try:
+        yield spool, settings
+    finally:
+        await dispatcher.stop(5)
+        await asyncio.wait_for(running, 10)
+        await spool.close()
+
+
+def outbox_row(settings: Settings) -> tuple[str, int, float | None]:
+    """(status, attempts, due_at) of the one outbox row."""
+    with closing(sqlite3.connect(f"file:{settings.spool_path}?mode=ro", uri=True)) as conn:
+        [row] = conn.execute("SELECT status, attempts, due_at FROM webhook_outbox").fetchall()
+    return row[0], row[1], row[2]
+
+
+async def recorded(settings: Settings, attempts: int) -> tuple[str, int, float | None]:
+    """The outbox row once `attempts` attempts are recorded (not while one holds the lease)."""
+
+    def row() -> tuple[str, int, float | None] | None:
+        current = outbox_row(settings)
+        return current if current[1] == attempts and current[0] != "sending" else None
+
+    return await wait_until(row, timeout=5)
+
+
+async def no_request_beyond(sink: WebhookSink, n: int, wait: float = 0.5) -> None:
+    await asyncio.sleep(wait)  # 25 polls of the dispatcher
+    assert len(sink.requests) == n
+
+
+def queued_submission() -> Submission:
+    return Submission("app@acme.test", ("user@example.test",), CONTENT, Source.API)
+
+
+async def test_a_500_is_retried_once_the_clock_reaches_the_first_step(
+    make_settings: Callable[..., Settings], sink: WebhookSink
+):
+    clock = fake_clock()
+    t0 = clock.now
+    sink.script_status(500)
+    async with dispatching(make_settings, clock) as (spool, settings):  # the default schedule
+        assert settings.webhooks.retry_schedule[0] == 5.0
+        assert settings.webhooks.retry_jitter == 0.1
+        created = await spool.create_webhook(sink.url, ("email.queued",))
+        await spool.accept(queued_submission())
+
+        [first] = await sink.wait_for_requests(1, timeout=2)  # at once
+        assert first.headers["webhook-timestamp"] == str(int(t0))
+        status, attempts, due_at = await recorded(settings, 1)
+        assert (status, attempts) == ("pending", 1)
+        assert due_at is not None
+        assert t0 + 4.5 <= due_at <= t0 + 5.5  # 5 s ± 10 %
+
+        await no_request_beyond(sink, 1)  # real time passes, the clock does not
+        clock.now = due_at - 0.01
+        await no_request_beyond(sink, 1, wait=0.3)
+        assert outbox_row(settings)[:2] == ("pending", 1)
+
+        clock.now = t0 + 6.0
+        _, second = await sink.wait_for_requests(2, timeout=2)
+        assert second.headers["webhook-id"] == first.headers["webhook-id"]
+        assert second.headers["webhook-timestamp"] == str(int(t0 + 6.0))
+        check_signed(second, created.secret)
+        assert (await recorded(settings, 2))[0] == "delivered"
+        log = await spool.list_webhook_attempts(created.endpoint.id)
+        assert [(a.attempt, a.status_code) for a in reversed(log)] == [(1, 500), (2, 200)]
+        await no_request_beyond(sink, 2, wait=0.2)
+
+
+async def test_a_spent_schedule_gives_up_after_the_last_step(
+    make_settings: Callable[..., Settings], sink: WebhookSink
+):
+    clock = fake_clock()
+    sink.script_status(500, 500, 500, 500)
+    async with dispatching(make_settings, clock, retry_schedule=["1s", "2s"]) as (spool, settings):
+        created = await spool.create_webhook(sink.url, ("email.queued",))
+        await spool.accept(queued_submission())
+        await sink.wait_for_requests(1, timeout=2)
+        for attempts, step in [(1, 1.0), (2, 2.0)]:
+            status, made, due_at = await recorded(settings, attempts)
+            assert (status, made) == ("pending", attempts)
+            assert due_at is not None
+            assert clock.now + 0.9 * step <= due_at <= clock.now + 1.1 * step
+            clock.now = due_at + 0.01
+            await sink.wait_for_requests(attempts + 1, timeout=2)
+
+        assert await recorded(settings, 3) == ("failed", 3, None)
+        clock.now += 30 * 86400.0  # long after any step: nothing is due any more
+        await no_request_beyond(sink, 3)
+        assert len({r.headers["webhook-id"] for r in sink.requests}) == 1
+        log = await spool.list_webhook_attempts(created.endpoint.id)
+        assert [(a.attempt, a.status_code) for a in reversed(log)] == [
+            (1, 500), (2, 500), (3, 500),
+        ]
 
 
 def test_secret_is_not_in_repr():
