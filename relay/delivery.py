@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from config import RouteSettings, Settings
@@ -60,8 +60,13 @@ class DeliveryEngine:
         settings: Settings,
         resolver: MxResolver,
         own_listeners: Sequence[tuple[str, int]] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        # `clock` (UNIX time) decides what is due, when a deferred unit is tried again, when a
+        # message has expired, and stamps recorded outcomes: tests advance it through the retry
+        # schedule. Pacing and connection reuse measure intervals on their own monotonic clocks.
         self._spool = spool
+        self._clock = clock
         self._settings = settings
         self._resolver = resolver
         self._own_listeners = tuple(own_listeners)
@@ -109,6 +114,7 @@ class DeliveryEngine:
                             lease=cfg.lease,
                             rooms=rooms,
                             aging=cfg.priority_aging,
+                            now=self._clock(),
                         )
                 except StoreError as exc:
                     # A failed commit (write lock held too long, full disk) is the spool's
@@ -219,7 +225,7 @@ class DeliveryEngine:
             outcomes = self._outcomes(job, result)
             relay = f"{result.host}[{result.address}]" if result.host else "none"
         try:
-            await self._spool.record_outcomes(job, outcomes)
+            await self._spool.record_outcomes(job, outcomes, now=self._clock())
         except StoreError as exc:
             # The lease expires and the units are tried again: at-least-once.
             logger.error("%s: cannot record outcomes: %s", job.message_id, exc)
@@ -341,7 +347,7 @@ class DeliveryEngine:
         )
 
     def _outcomes(self, job: DeliveryJob, result: SessionResult) -> list[Outcome]:
-        now = time.time()
+        now = self._clock()
         cfg = self._settings.delivery
         expires_at = job.created_at + cfg.max_age if job.created_at else None
         outcomes = []

@@ -450,12 +450,15 @@ class Spool:
 
         return await self._writer.run(job)
 
-    async def record_outcomes(self, job: DeliveryJob, outcomes: Sequence[Outcome]) -> None:
-        """Record one attempt's outcomes and their events in one write."""
+    async def record_outcomes(
+        self, job: DeliveryJob, outcomes: Sequence[Outcome], now: float | None = None
+    ) -> None:
+        """Record one attempt's outcomes and their events in one write, stamped `now`
+        (default: the time of the write)."""
         by_id = {r.id: r for r in job.recipients}
 
         def write(conn: sqlite3.Connection) -> list[suppressions.Change]:
-            now = time.time()
+            at = time.time() if now is None else now
             changes: list[suppressions.Change] = []
             for outcome in outcomes:
                 rcpt = by_id[outcome.recipient_id]
@@ -470,9 +473,9 @@ class Spool:
                         "enhanced": reply.enhanced if reply else None,
                         "text": reply.text if reply else None,
                         "delivered_at": (
-                            now if outcome.status is RecipientStatus.DELIVERED else None
+                            at if outcome.status is RecipientStatus.DELIVERED else None
                         ),
-                        "now": now,
+                        "now": at,
                     },
                 )
                 if cur.rowcount == 0:  # no longer ours (released or already final)
@@ -494,19 +497,19 @@ class Spool:
                             data=data,
                         )
                     ],
-                    now,
+                    at,
                 )
                 if outcome.suppress and outcome.status is RecipientStatus.BOUNCED:
                     changes += _suppress(
-                        conn, rcpt.email, reply, job.message_seq, job.message_id, now
+                        conn, rcpt.email, reply, job.message_seq, job.message_id, at
                     )
             if not self._store_content:
-                retention.remove_content_if_finished(conn, job.message_seq, now)
+                retention.remove_content_if_finished(conn, job.message_seq, at)
             return changes
 
         suppressions.log_changes(await self._writer.run(write))
         self.notify_events()
-        self._observer.recorded(job, outcomes, time.time())
+        self._observer.recorded(job, outcomes, time.time() if now is None else now)
         if any(o.status is RecipientStatus.DEFERRED for o in outcomes):
             self.work_available.set()
 
