@@ -21,7 +21,8 @@ import trustme
 from click.testing import CliRunner, Result
 
 from config import Settings
-from relay.cli import cli, write_self_signed
+from relay.cli import cli
+from relay.commands.server import write_self_signed
 from relay.dkim import generate_keys, txt_records
 from relay.doctor import (
     Check,
