@@ -193,6 +193,12 @@ class Admission:
     refusal: str | None = None
 
 
+def _reverse_path(envelope: Envelope) -> str:
+    """The envelope sender as stored: "" for the null reverse-path `<>` (RFC 5321 §4.5.5)."""
+    sender = envelope.mail_from or ""
+    return "" if sender == "<>" else sender
+
+
 def is_encrypted(server: SMTP) -> bool:
     """Whether the session runs over TLS, by STARTTLS or implicitly (STYLE.md gotcha 8)."""
     transport = server.transport
@@ -490,7 +496,9 @@ class SubmissionHandler:
             refusal = await self._recheck_key(server, session)
             if refusal is not None:
                 return refusal
-        envelope.mail_from = "" if address == "<>" else address
+        # The null reverse-path stays "<>" in the envelope: aiosmtpd answers RCPT with "503 need
+        # MAIL command" while `mail_from` is empty. It becomes "" in the Submission.
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
@@ -543,7 +551,8 @@ class SubmissionHandler:
             original, controls = read_controls(envelope.original_content or b"", time.time())
         except ControlError as exc:
             return f"550 5.6.0 {exc}"
-        key = idempotency_key(controls, envelope.mail_from or "", envelope.rcpt_tos, original)
+        sender = _reverse_path(envelope)
+        key = idempotency_key(controls, sender, envelope.rcpt_tos, original)
         try:
             async with self._spool.hold_idempotency_keys(principal, [key]) as [verdict]:
                 if isinstance(verdict, Accepted):
@@ -560,7 +569,7 @@ class SubmissionHandler:
                     message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
                 )
                 submission = Submission(
-                    mail_from=envelope.mail_from or "",
+                    mail_from=sender,
                     recipients=tuple(envelope.rcpt_tos),
                     content=content,
                     source=Source.SMTP,

@@ -97,6 +97,23 @@ async def test_trusted_network_may_relay(start, mx_sink: MxSink):
     assert b"with ESMTP\r\n" in received.data  # no TLS, no AUTH
 
 
+async def test_a_null_sender_message_is_accepted_and_relayed_with_a_null_sender(
+    start, mx_sink: MxSink
+):
+    """Bounces and other automatic replies use the null reverse-path `<>` (RFC 5321 §4.5.5)."""
+    postroom = await start(smtp=TRUSTED)
+    async with await RawSmtp.open(postroom.smtp_port) as client:
+        await client.command("EHLO cron.test")
+        assert (await client.command("MAIL FROM:<>")).startswith("250 2.1.0")
+        assert (await client.command("RCPT TO:<user@example.test>")).startswith("250 2.1.5")
+        await client.command("DATA")
+        assert (await client.command(MESSAGE + b".")).startswith("250 2.0.0 Ok: queued as")
+    [received] = await mx_sink.wait_for_messages(1)
+    assert received.mail_from in ("", "<>")
+    [message] = await postroom.spool.list_messages()
+    assert message.mail_from == ""
+
+
 @pytest.mark.parametrize(
     ("networks", "peer", "trusted"),
     [
