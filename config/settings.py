@@ -290,6 +290,8 @@ class DeliverySettings(Section):
     # Units overdue by more than this are claimed oldest first beside the priority order, so
     # high-priority mail never starves normal and low.
     priority_aging: Duration = 300.0
+    # Send a DSN (RFC 3464) to the envelope sender of SMTP-submitted mail that bounced or failed.
+    bounce_messages: bool = False
 
     @field_validator("source_address")
     @classmethod

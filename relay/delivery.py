@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from config import RouteSettings, Settings
+from relay import bounce
 from relay.dkim import DkimError, KeyRing
 from relay.mx import MxResolver, screen
 from relay.outcome import decide, not_attempted
@@ -34,7 +35,17 @@ from relay.transport import (
     send,
 )
 from relay.unsubscribe import add_headers, unsubscribe_url
-from store import DeliveryJob, MessageType, Outcome, Reply, Source, Spool, StoreError, make_token
+from store import (
+    DeliveryJob,
+    MessageType,
+    Outcome,
+    Reply,
+    Source,
+    Spool,
+    StoreError,
+    Submission,
+    make_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +242,64 @@ class DeliveryEngine:
             logger.error("%s: cannot record outcomes: %s", job.message_id, exc)
             return
         self._log(job, outcomes, relay)
+        remote = "" if isinstance(result, NotAttempted) or _is_unreachable(result) else result.host
+        await asyncio.shield(self._bounce(job, outcomes, remote))
+
+    async def _bounce(self, job: DeliveryJob, outcomes: Sequence[Outcome], remote: str) -> None:
+        """Queue a DSN for the recipients this attempt made final-failed (relay/bounce.py).
+
+        Only after their outcomes are recorded: one DSN per attempt that failed recipients, the
+        recipients failing together (one job, one destination) in one DSN. It goes through the
+        same intake as all mail, stored and delivered like any message, with a null envelope
+        sender so that it never bounces itself. Failing to queue it is logged and changes
+        nothing about the original message. API mail gets none: events and webhooks report it.
+        """
+        emails = {r.id: r.email for r in job.recipients}
+        failed = bounce.failures_to_report(
+            self._settings.delivery.bounce_messages, job.source, job.mail_from,
+            [(emails[o.recipient_id], o.status, o.reply) for o in outcomes],
+        )
+        if not failed:
+            return
+        hostname = self._settings.server.hostname
+        try:
+            content = bounce.compose(
+                bounce.Failure(
+                    queue_id=job.message_id,
+                    envelope_sender=job.mail_from,
+                    reporting_host=hostname,
+                    arrival=job.created_at,
+                    now=self._clock(),
+                    recipients=failed,
+                    original=job.content,
+                    remote_mta=remote,
+                )
+            )
+            accepted = await self._spool.accept(
+                Submission(
+                    mail_from="",  # RFC 5321 §4.5.5: a DSN is sent from the null sender
+                    recipients=(job.mail_from,),
+                    content=content,
+                    # Stored as SMTP mail: it leaves through the SMTP path with its own null
+                    # sender (`delivery.return_path` is for API mail only).
+                    source=Source.SMTP,
+                    is_system=True,
+                )
+            )
+        except (StoreError, ValueError) as exc:  # refused by intake, full disk, bad address
+            logger.error(
+                "%s: cannot queue bounce message to <%s>: %s", job.message_id, job.mail_from, exc
+            )
+            return
+        except Exception:
+            # The original's outcomes stand whatever happens here: the attempt task never dies.
+            logger.exception("%s: cannot queue bounce message to <%s>", job.message_id,
+                             job.mail_from)
+            return
+        logger.info(
+            "%s: sender non-delivery notification: %s to=<%s>",
+            job.message_id, accepted.id, job.mail_from,
+        )
 
     async def _deliver(self, job: DeliveryJob) -> tuple[SessionResult | NotAttempted, bool]:
         """The attempt's result, and whether no host of the destination could be reached."""

@@ -252,8 +252,14 @@ def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
         from_header=_header(headers, "From"),
         subject=_header(headers, "Subject"),
         idempotency_ttl=limits.idempotency_ttl,
+        # The sending-domain policy keeps clients from sending as domains the operator never
+        # added; a bounce is the MTA's own mail from MAILER-DAEMON@server.hostname, which must
+        # go out whether that host name was added or not (RFC 5321 §4.5.5, §6.1: a non-delivery
+        # report is owed to the sender), as Postfix's bounce(8) never passes through policy.
         from_domains=(
-            tuple(from_domains(headers)) if limits.require_configured_domain else None
+            tuple(from_domains(headers))
+            if limits.require_configured_domain and not submission.is_system
+            else None
         ),
         store_content=limits.store_content,
     )

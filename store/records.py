@@ -225,6 +225,9 @@ class Submission:
     #: UNIX time before which no delivery is attempted; None: deliver now.
     scheduled_at: float | None = None
     idempotency: IdempotencyKey | None = None
+    #: Postroom's own mail (a bounce message, relay/bounce.py), never set by a front door: no
+    #: principal, a null envelope sender, and the sending-domain policy does not apply (intake).
+    is_system: bool = False
 
 
 @dataclass(frozen=True, slots=True)
