@@ -3,8 +3,9 @@
 Owns adding (by hand, by import, by a one-click unsubscribe), removing and expiring entries,
 each change with its event (`suppression.created`, `suppression.deleted`, `email.unsubscribed`)
 in the same writer job, the one log line of each change once it committed, and the paged read of
-`GET /v1/suppressions`. Intake applies the list (store/intake.py); hard bounces are added by the
-delivery write (store/spool.py); the retention sweep takes expired entries off (store/retention.py).
+`GET /v1/suppressions`. Intake applies the list (store/intake.py); hard bounces are added by
+the delivery write (store/spool_delivery.py); the retention sweep takes expired entries off
+(store/retention.py).
 """
 
 from __future__ import annotations
