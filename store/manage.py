@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 
 import aiosqlite
 
@@ -60,17 +61,22 @@ async def list_page(conn: aiosqlite.Connection, query: MessageQuery) -> list[Mes
         "before": query.before_seq,
         "limit": query.limit,
     }
+    return await messages_with_recipients(conn, Q[_page_query(query)], params)
+
+
+async def messages_with_recipients(
+    conn: aiosqlite.Connection, sql: str, params: Mapping[str, object]
+) -> list[Message]:
+    """The messages `sql` selects, each with its recipients, read in one snapshot."""
     await conn.execute("BEGIN")
     try:
-        async with conn.execute(Q[_page_query(query)], params) as cur:
-            rows = list(await cur.fetchall())
+        rows = list(await conn.execute_fetchall(sql, params))
         seqs = json.dumps([r["seq"] for r in rows])
-        async with conn.execute(Q["recipients_of_messages"], {"seqs": seqs}) as cur:
-            recipients = [Recipient.from_row(r) for r in await cur.fetchall()]
+        found = await conn.execute_fetchall(Q["recipients_of_messages"], {"seqs": seqs})
     finally:
         await conn.execute("COMMIT")
     by_message: dict[int, list[Recipient]] = {}
-    for rcpt in recipients:
+    for rcpt in (Recipient.from_row(r) for r in found):
         by_message.setdefault(rcpt.message_seq, []).append(rcpt)
     return [Message.from_row(r, tuple(by_message.get(r["seq"], ()))) for r in rows]
 

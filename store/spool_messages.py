@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from store import manage, queue, stats
@@ -52,19 +51,7 @@ class SpoolMessages(SpoolBase):
             "limit": limit,
         }
         async with self._read() as conn:
-            await conn.execute("BEGIN")
-            try:
-                async with conn.execute(Q["list_messages"], params) as cur:
-                    rows = list(await cur.fetchall())
-                seqs = json.dumps([r["seq"] for r in rows])
-                async with conn.execute(Q["recipients_of_messages"], {"seqs": seqs}) as cur:
-                    recipients = [Recipient.from_row(r) for r in await cur.fetchall()]
-            finally:
-                await conn.execute("COMMIT")
-        by_message: dict[int, list[Recipient]] = {}
-        for rcpt in recipients:
-            by_message.setdefault(rcpt.message_seq, []).append(rcpt)
-        return [Message.from_row(r, tuple(by_message.get(r["seq"], ()))) for r in rows]
+            return await manage.messages_with_recipients(conn, Q["list_messages"], params)
 
     # -- managing messages: listing, cancel, reschedule ------------------------------------------
 
