@@ -37,11 +37,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the kill moments and load")
     parser.add_argument("--concurrency", type=int, default=16, help="sending workers (default 16)")
     parser.add_argument("--drain-timeout", type=float, default=600.0, help="seconds (default 600)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Postroom's smtp.workers (default 0); the kills hit the service")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
     plan = CrashPlan(
         kills=args.kills, messages=args.messages, seed=args.seed,
         concurrency=args.concurrency, drain_timeout=args.drain_timeout,
+        smtp_workers=args.workers,
     )
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="postroom-crash-"))
     try:

@@ -23,6 +23,7 @@
 #   bench/vs_postfix.sh                 # small: 2,000 messages, 1 round
 #   bench/vs_postfix.sh 20000 3         # full size: 20,000 messages, 3 rounds
 #   POSTROOM=/path/to/postroom bench/vs_postfix.sh
+#   WORKERS=0 bench/vs_postfix.sh       # Postroom's smtp.workers (default 1)
 # Postfix is installed from the distribution's packages when missing (Debian/Ubuntu: apt-get,
 # with "No configuration" preseeded, so nothing of it starts or gets configured).
 
@@ -30,6 +31,7 @@ set -euo pipefail
 
 MESSAGES=${1:-2000}
 ROUNDS=${2:-1}
+WORKERS=${WORKERS:-1}
 SESSIONS=20
 SIZE=3000
 SENDER=bench@acme.test
@@ -203,6 +205,7 @@ hostname = "postroom-bench.test"
 [smtp]
 listen = ["127.0.0.1:$PR_PORT"]
 trusted_networks = ["127.0.0.0/8"]
+workers = $WORKERS  # SMTP worker processes (0: the service process runs the sessions)
 
 [api]
 listen = "127.0.0.1:0"

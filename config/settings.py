@@ -196,6 +196,8 @@ class SmtpSettings(Section):
     auth_failure_window: Duration = 600.0
     auth_failure_delay: Duration = 1.0
     auth_lockout: Duration = 900.0
+    #: SMTP worker processes (relay/workers.py); 0: the service process runs the sessions itself.
+    workers: int = Field(default=0, ge=0, le=64)
 
     @field_validator("trusted_networks")
     @classmethod

@@ -34,6 +34,7 @@ from config import ConfigError, Settings, load_settings, parse_address
 from relay import egress, logs
 from relay.delivery import DeliveryEngine
 from relay.domains import Domains
+from relay.frontdoor import LocalDoor
 from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
@@ -42,6 +43,7 @@ from relay.retention import RetentionSweeper
 from relay.sessions import Sessions
 from relay.submission import SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.webhooks import WebhookDispatcher
+from relay.workers import WorkerFailed, Workers
 from store import Spool, StoreError
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,8 @@ class Service:
     spool: Spool | None = None
     metrics: Metrics | None = None
     sessions: Sessions | None = None
+    #: The SMTP worker processes, with `smtp.workers` (relay/workers.py).
+    workers: Workers | None = None
     notifier: Notifier = field(default_factory=Notifier.from_environment)
     reloader: Reloader = field(default_factory=Reloader)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -177,27 +181,19 @@ class Service:
             if settings.smtp.tls_listen and tls is None:
                 cert = tls_paths(settings)[0]
                 raise StartupError(f"smtp.tls_listen needs a certificate: none at {cert}")
-            handler = SubmissionHandler(spool, settings)
-            factory = sessions.guard(
-                protocol_factory(handler, tls, is_implicit_tls=False, make_smtp=sessions.make_smtp)
-            )
-            for listen in settings.smtp.listen:
-                host, port = parse_address(listen)
-                server = await _listen("smtp.listen", listen, loop.create_server(
-                    factory, host, port
-                ))
-                smtp_servers.append(server)
-                self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
-            tls_factory = sessions.guard(
-                protocol_factory(handler, tls, is_implicit_tls=True, make_smtp=sessions.make_smtp)
-            )
-            for listen in settings.smtp.tls_listen:
-                host, port = parse_address(listen)
-                server = await _listen("smtp.tls_listen", listen, loop.create_server(
-                    tls_factory, host, port, ssl=tls
-                ))
-                smtp_servers.append(server)
-                self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
+            door = LocalDoor(spool, settings)
+            if settings.smtp.workers:
+                # SMTP worker processes (relay/workers.py) accept on these; this process never
+                # does, so its loop is left to the spool, delivery, the API and webhooks.
+                listeners = await self._open_for_workers(smtp_servers)
+                workers = self.workers = Workers(settings, door, metrics)
+                try:
+                    await workers.start(listeners, tls_paths(settings) if tls else None)
+                except WorkerFailed as failed:
+                    raise StartupError(str(failed)) from None
+                tasks["smtp-workers"] = asyncio.create_task(workers.run(), name="smtp-workers")
+            else:
+                await self._serve_smtp(SubmissionHandler(door, settings), sessions, smtp_servers)
 
             app = create_app(
                 spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
@@ -258,8 +254,9 @@ class Service:
             self.readiness.is_listening = True
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
             smtps = " ".join(f"{h}:{p}" for h, p in self.smtps_addresses) or "-"
-            logger.info("postroom ready: smtp=%s smtps=%s api=%s:%s", smtp, smtps,
-                        *self.api_address)
+            pids = ",".join(map(str, self.workers.pids)) if self.workers else "-"
+            logger.info("postroom ready: smtp=%s smtps=%s api=%s:%s smtp_workers=%s", smtp, smtps,
+                        *self.api_address, pids)
             self.notifier.ready(
                 f"serving: smtp {smtp}, smtps {smtps}, api {api_host}:{self.api_address[1]}"
             )
@@ -286,6 +283,54 @@ class Service:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
+
+    async def _serve_smtp(
+        self, handler: SubmissionHandler, sessions: Sessions, servers: list[asyncio.Server]
+    ) -> None:
+        """Accept SMTP in this process: every listener's sessions on this loop."""
+        loop = asyncio.get_running_loop()
+        settings, tls = self.settings, self._tls
+        factory = sessions.guard(
+            protocol_factory(handler, tls, is_implicit_tls=False, make_smtp=sessions.make_smtp)
+        )
+        for listen in settings.smtp.listen:
+            host, port = parse_address(listen)
+            server = await _listen("smtp.listen", listen, loop.create_server(
+                factory, host, port
+            ))
+            servers.append(server)
+            self.smtp_addresses.append(server.sockets[0].getsockname()[:2])
+        tls_factory = sessions.guard(
+            protocol_factory(handler, tls, is_implicit_tls=True, make_smtp=sessions.make_smtp)
+        )
+        for listen in settings.smtp.tls_listen:
+            host, port = parse_address(listen)
+            server = await _listen("smtp.tls_listen", listen, loop.create_server(
+                tls_factory, host, port, ssl=tls
+            ))
+            servers.append(server)
+            self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
+
+    async def _open_for_workers(self, servers: list[asyncio.Server]) -> list[tuple[int, bool]]:
+        """Bind and listen on every SMTP address without accepting: the workers will.
+
+        Each socket's descriptor, with whether it is implicit TLS (the workers wrap it).
+        """
+        loop = asyncio.get_running_loop()
+        listeners: list[tuple[int, bool]] = []
+        for setting, addresses, is_implicit_tls, bound in (
+            ("smtp.listen", self.settings.smtp.listen, False, self.smtp_addresses),
+            ("smtp.tls_listen", self.settings.smtp.tls_listen, True, self.smtps_addresses),
+        ):
+            for listen in addresses:
+                host, port = parse_address(listen)
+                server = await _listen(setting, listen, loop.create_server(
+                    asyncio.Protocol, host, port, start_serving=False
+                ))
+                servers.append(server)
+                bound.append(server.sockets[0].getsockname()[:2])
+                listeners.extend((sock.fileno(), is_implicit_tls) for sock in server.sockets)
+        return listeners
 
     async def _start_public(self, tasks: dict[str, asyncio.Task[None]]) -> _Server:
         """Serve the unsubscribe routes alone on `api.public_listen` (a second uvicorn server)."""
@@ -331,6 +376,13 @@ class Service:
             drains.append(self._drain_sessions(self.sessions, timeout))
         # 2. In-flight SMTP transactions and delivery attempts finish within the timeout; the
         #    engine gives back the leases of attempts it had to cut short.
+        if self.workers is not None:
+
+            def let_go() -> None:
+                for server in smtp_servers:
+                    server.close()
+
+            drains.append(self.workers.stop(timeout, let_go))
         if engine is not None:
             drains.append(engine.stop(timeout))
         drains.append(dispatcher.stop(timeout))
@@ -412,6 +464,8 @@ class Service:
             return False
         plan.apply()
         self.settings = new
+        if self.workers is not None:
+            self.workers.reconfigure(new, tls_paths(new))
         if plan.live:
             logger.info("reloaded %s: %s", path, ", ".join(str(c) for c in plan.live))
         else:

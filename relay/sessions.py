@@ -14,9 +14,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Protocol
 
-from relay.metrics import Metrics
 from relay.submission import Admission, SubmissionHandler, SubmissionSMTP
 from store import Principal
 
@@ -25,10 +24,28 @@ logger = logging.getLogger(__name__)
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
-class Sessions:
-    """The live SMTP sessions of every listener; one per service."""
+class _Counter(Protocol):
+    def inc(self) -> None: ...
 
-    def __init__(self, metrics: Metrics) -> None:
+
+class SessionMetrics(Protocol):
+    """What sessions count: relay/metrics.py's `Metrics`, or a worker's forwarder to it."""
+
+    @property
+    def smtp_sessions(self) -> _Counter: ...
+
+    @property
+    def smtp_auth_failures(self) -> _Counter: ...
+
+    def smtp_session_opened(self) -> None: ...
+
+    def smtp_session_closed(self) -> None: ...
+
+
+class Sessions:
+    """The live SMTP sessions of every listener of one process."""
+
+    def __init__(self, metrics: SessionMetrics) -> None:
         self._metrics = metrics
         self._live: set[TrackedSMTP] = set()
         self._none_live = asyncio.Event()

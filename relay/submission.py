@@ -5,9 +5,11 @@ AUTH lock-outs), what EHLO offers, AUTH PLAIN/LOGIN with an API key as the passw
 TLS — STARTTLS or implicit — unless loopback is allowed plaintext), relaying only for authenticated
 clients and `smtp.trusted_networks` (never an open relay: everyone else is refused at RCPT
 whatever the address looks like), replies with enhanced status codes, our trace header, and a
-`451 4.3.0` instead of an exception text. A finished DATA goes to `Spool.accept`; `250` is
-answered only after it committed. The decisions about counts and time live in `relay/throttle.py`
-and the header in `relay/trace.py`.
+`451 4.3.0` instead of an exception text. A finished DATA is stamped into a `Submission` and
+handed to the `Door`, whose commit answers it: `250` only after the spool committed. The door
+(relay/frontdoor.py, or the service process behind relay/workers.py) owns the counts and the
+spool; the decisions about counts and time live in `relay/throttle.py`, the header in
+`relay/trace.py`.
 """
 
 from __future__ import annotations
@@ -21,30 +23,20 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, AnyStr
+from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from config import Settings
 from relay.control import ControlError, idempotency_key, read_controls
-from relay.throttle import AuthThrottle, Clock, SessionLimits, client_key
+from relay.throttle import AuthVerdict
 from relay.trace import SessionFacts, is_valid_helo, stamp
-from store import (
-    Accepted,
-    IdempotencyConflict,
-    PolicyRejected,
-    Principal,
-    Source,
-    Spool,
-    SpoolClosed,
-    StorageFull,
-    Submission,
-)
+from store import Principal, Source, SpoolClosed, Submission
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +185,32 @@ class Admission:
     refusal: str | None = None
 
 
+class Door(Protocol):
+    """What the SMTP sessions ask of the service: who may connect and AUTH, and the commit.
+
+    In one process it is relay/frontdoor.py's `LocalDoor`, over the spool itself; in an SMTP
+    worker process (`smtp.workers`) it is relay/workers.py's `RemoteDoor`, which asks the service
+    process, so that session counts, AUTH lock-outs and idempotency stay one set for the whole
+    server. `admit` may answer at once or with an awaitable.
+    """
+
+    def admit(self, host: str) -> Admission | Awaitable[Admission]: ...
+
+    def release(self, client: str) -> None: ...
+
+    async def is_locked(self, client: str) -> bool: ...
+
+    async def authenticate(self, secret: str) -> Principal | None: ...
+
+    async def auth_succeeded(self, client: str) -> None: ...
+
+    async def auth_failed(self, client: str) -> AuthVerdict: ...
+
+    async def commit(self, submission: Submission, host: str) -> str:
+        """Store the message (idempotency and policy included); the SMTP reply to DATA."""
+        ...
+
+
 def _reverse_path(envelope: Envelope) -> str:
     """The envelope sender as stored: "" for the null reverse-path `<>` (RFC 5321 §4.5.5)."""
     sender = envelope.mail_from or ""
@@ -256,7 +274,7 @@ class SubmissionSMTP(SMTP):
             self._deadline.cancel()
         if self._is_counted:
             self._is_counted = False
-            self._door.sessions.release(self.admission.client)
+            self._door.door.release(self.admission.client)
         super().connection_lost(error)
 
     def _end_session(self) -> None:
@@ -319,10 +337,42 @@ class _Gate(asyncio.Protocol):
                  handler: SubmissionHandler) -> None:
         self._make_session = make_session
         self._handler = handler
+        self._is_lost = False
+        self._pending: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        admission = self._handler.admit(peer_host(transport.get_extra_info("peername")))
+        self._transport = transport
+        verdict = self._handler.door.admit(peer_host(transport.get_extra_info("peername")))
+        if isinstance(verdict, Admission):
+            self._open(transport, verdict)
+            return
+        # A worker process asks the service (relay/workers.py): the client waits unread.
+        transport.pause_reading()
+        self._pending = asyncio.ensure_future(self._admit_later(transport, verdict))
+
+    async def _admit_later(
+        self, transport: asyncio.Transport, verdict: Awaitable[Admission]
+    ) -> None:
+        try:
+            admission = await verdict
+        except SpoolClosed:  # the service is gone: nothing was counted
+            admission = None
+        except Exception:
+            logger.exception("admitting a connection failed")
+            admission = None
+        if self._is_lost:
+            if admission is not None and admission.refusal is None:
+                self._handler.door.release(admission.client)
+            return
+        if admission is None:
+            transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+            transport.close()
+            return
+        transport.resume_reading()
+        self._open(transport, admission)
+
+    def _open(self, transport: asyncio.Transport, admission: Admission) -> None:
         if admission.refusal is not None:
             transport.write(admission.refusal.encode("ascii") + b"\r\n")
             transport.close()
@@ -330,6 +380,10 @@ class _Gate(asyncio.Protocol):
         session = self._make_session(admission)
         transport.set_protocol(session)
         session.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only while the admission is awaited: after it, the session is the protocol.
+        self._is_lost = True
 
 
 # -- the handler ---------------------------------------------------------------------------------
@@ -341,31 +395,9 @@ class SubmissionHandler:
     def __dir__(self) -> list[str]:
         return _hook_names(type(self))
 
-    def __init__(self, spool: Spool, settings: Settings, clock: Clock = time.monotonic) -> None:
-        self._spool = spool
+    def __init__(self, door: Door, settings: Settings) -> None:
+        self.door = door
         self.settings = settings
-        smtp = settings.smtp
-        self._trusted = parse_networks(smtp.trusted_networks)
-        self.sessions = SessionLimits(smtp.max_sessions, smtp.max_sessions_per_ip)
-        self.auth_throttle = AuthThrottle(
-            max_failures=smtp.auth_max_failures,
-            window=smtp.auth_failure_window,
-            delay=smtp.auth_failure_delay,
-            lockout=smtp.auth_lockout,
-            clock=clock,
-        )
-
-    def admit(self, host: str) -> Admission:
-        """Count a new connection from `host`, or say why it is refused (nothing counted then)."""
-        trusted = is_trusted((host,), self._trusted)
-        client = client_key(host)
-        if not trusted and self.auth_throttle.is_locked(client):
-            return Admission(client, trusted, LOCKED_OUT)
-        if not self.sessions.admit(client, is_exempt_per_client=trusted):
-            logger.warning("refused connection from %s: too many sessions (%d open in all)",
-                           host, self.sessions.total)
-            return Admission(client, trusted, "421 4.7.0 Too many connections, try again later")
-        return Admission(client, trusted)
 
     def _admission(self, server: SMTP) -> Admission:
         assert isinstance(server, SubmissionSMTP)
@@ -419,7 +451,7 @@ class SubmissionHandler:
         if not self._may_authenticate(server):
             return "538 5.7.11 Encryption required for requested authentication mechanism"
         admission = self._admission(server)
-        if not admission.is_trusted and self.auth_throttle.is_locked(admission.client):
+        if not admission.is_trusted and await self.door.is_locked(admission.client):
             await self._lock_out(server)
             return None  # replied already
         return MISSING
@@ -455,12 +487,15 @@ class SubmissionHandler:
 
     async def _check(self, server: SMTP, password: bytes, mechanism: str) -> AuthResult:
         try:
-            principal = await self._spool.authenticate(password.decode("utf-8"))
+            principal = await self.door.authenticate(password.decode("utf-8"))
         except UnicodeDecodeError:
             principal = None
+        except SpoolClosed:
+            await server.push("454 4.3.2 Service shutting down, try again later")
+            return AuthResult(success=False, handled=True)
         admission = self._admission(server)
         if principal is not None:
-            self.auth_throttle.record_success(admission.client)
+            await self.door.auth_succeeded(admission.client)
             assert isinstance(server, SubmissionSMTP)
             server.auth_secret = password.decode("utf-8")
             return AuthResult(success=True, auth_data=principal)
@@ -468,7 +503,7 @@ class SubmissionHandler:
         if admission.is_trusted:
             logger.info("AUTH %s failed: client=%s", mechanism, host)
         else:
-            verdict = self.auth_throttle.record_failure(admission.client)
+            verdict = await self.door.auth_failed(admission.client)
             logger.warning("AUTH %s failed: client=%s delay=%.1fs%s", mechanism, host,
                            verdict.delay, " locked-out" if verdict.is_locked else "")
             await asyncio.sleep(verdict.delay)  # slows a guesser down, bounded per IP
@@ -515,7 +550,7 @@ class SubmissionHandler:
         assert isinstance(server, SubmissionSMTP)
         secret = server.auth_secret
         try:
-            principal = await self._spool.authenticate(secret) if secret is not None else None
+            principal = await self.door.authenticate(secret) if secret is not None else None
         except SpoolClosed:
             return "451 4.3.2 Service shutting down, try again later"
         if principal is not None:
@@ -552,58 +587,35 @@ class SubmissionHandler:
         except ControlError as exc:
             return f"550 5.6.0 {exc}"
         sender = _reverse_path(envelope)
-        key = idempotency_key(controls, sender, envelope.rcpt_tos, original)
         try:
-            async with self._spool.hold_idempotency_keys(principal, [key]) as [verdict]:
-                if isinstance(verdict, Accepted):
-                    logger.info("%s: replayed for idempotency key from client=%s", verdict.id, host)
-                    return f"250 2.0.0 Ok: queued as {verdict.id}"
-                if isinstance(verdict, IdempotencyConflict):
-                    return _idempotency_reply(verdict)
-                content = stamp(
-                    original,
-                    session_facts(server, session, principal),
-                    hostname=self.settings.server.hostname,
-                    recipients=envelope.rcpt_tos,
-                    now=datetime.now().astimezone(),
-                    message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
-                )
-                submission = Submission(
-                    mail_from=sender,
-                    recipients=tuple(envelope.rcpt_tos),
-                    content=content,
-                    source=Source.SMTP,
-                    principal=principal,
-                    tags=controls.tags,
-                    metadata=controls.metadata,
-                    message_type=controls.message_type,
-                    priority=controls.priority,
-                    scheduled_at=controls.scheduled_at,
-                    idempotency=key,
-                )
-                accepted = await self._spool.accept(submission)
-        except PolicyRejected as exc:
-            return _policy_reply(exc)
-        except IdempotencyConflict as exc:
-            return _idempotency_reply(exc)
-        except StorageFull:
-            return "452 4.3.1 Insufficient system storage"
+            content = stamp(
+                original,
+                session_facts(server, session, principal),
+                hostname=self.settings.server.hostname,
+                recipients=envelope.rcpt_tos,
+                now=datetime.now().astimezone(),
+                message_id=f"<{secrets.token_hex(16)}@{self.settings.server.hostname}>",
+            )
+            submission = Submission(
+                mail_from=sender,
+                recipients=tuple(envelope.rcpt_tos),
+                content=content,
+                source=Source.SMTP,
+                principal=principal,
+                tags=controls.tags,
+                metadata=controls.metadata,
+                message_type=controls.message_type,
+                priority=controls.priority,
+                scheduled_at=controls.scheduled_at,
+                idempotency=idempotency_key(controls, sender, envelope.rcpt_tos, original),
+            )
+            # The reply is the door's: 250 only once the message is committed.
+            return await self.door.commit(submission, host)
         except SpoolClosed:
             return "451 4.3.2 Service shutting down, try again later"
         except Exception:  # answered here, so that aiosmtpd resets the transaction
             logger.exception("accepting a message from %s failed", host)
             return "451 4.3.0 Internal error, try again later"
-        # What only the session knows (Postfix smtpd's `client=` line); intake logs the
-        # `from=<…> to=<…> status=…` line of each recipient for both doors.
-        logger.info(
-            "%s: client=%s auth=%s size=%d nrcpt=%d",
-            accepted.id,
-            host,
-            principal.key_id if principal else "-",
-            len(content),
-            len(submission.recipients),
-        )
-        return f"250 2.0.0 Ok: queued as {accepted.id}"
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers `500 Error: (Class) text`, leaking internals and telling
@@ -630,22 +642,6 @@ def session_facts(server: SMTP, session: Session, principal: Principal | None) -
             tls_cipher=cipher[0] if cipher else None, tls_bits=cipher[2] if cipher else None,
         )
     return facts
-
-
-def _idempotency_reply(exc: IdempotencyConflict) -> str:
-    if exc.slug == IdempotencyConflict.IN_PROGRESS:
-        return "451 4.5.0 A message with this idempotency key is still being accepted"
-    return "550 5.7.0 This idempotency key was already used for a different message"
-
-
-def _policy_reply(exc: PolicyRejected) -> str:
-    if exc.slug == "message_too_large":
-        return f"552 5.3.4 {exc}"
-    if exc.slug == "too_many_recipients":
-        return f"452 4.5.3 {exc}"
-    if exc.slug == "invalid_recipient":
-        return f"550 5.1.3 {exc}"
-    return f"550 5.7.1 {exc}"
 
 
 def protocol_factory(

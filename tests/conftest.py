@@ -103,12 +103,30 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
+def smtp_workers(request: pytest.FixtureRequest) -> int:
+    """`smtp.workers` for the Postroom a test starts: 0 unless a module parametrizes it.
+
+    `pytestmark = WITH_AND_WITHOUT_WORKERS` runs a module's tests both ways: the sessions in the
+    service process, and in two worker processes behind it.
+    """
+    return int(getattr(request, "param", 0))
+
+
+WITH_AND_WITHOUT_WORKERS = pytest.mark.parametrize(
+    "smtp_workers", [0, 2], ids=["in-process", "workers"], indirect=True
+)
+
+
+@pytest.fixture
 def make_settings(
-    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert: tuple[Path, Path]
+    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert: tuple[Path, Path],
+    smtp_workers: int,
 ) -> Callable[..., Settings]:
     def make(**sections: dict[str, Any]) -> Settings:
-        data = merge(settings_data(tmp_path, dns, mx_sink.port, server_cert), sections)
-        return Settings(**data)
+        data = settings_data(tmp_path, dns, mx_sink.port, server_cert)
+        if smtp_workers:
+            data["smtp"]["workers"] = smtp_workers
+        return Settings(**merge(data, sections))
 
     return make
 

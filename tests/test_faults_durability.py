@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Running
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import MxSink, RawSmtp
 
 TRUSTED = {"trusted_networks": ["127.0.0.0/8"]}
@@ -64,6 +64,7 @@ async def test_writer_is_wal_with_full_sync_and_readers_are_query_only(postroom:
     assert await postroom.spool.integrity_check() == ["ok"]
 
 
+@WITH_AND_WITHOUT_WORKERS
 async def test_no_acknowledgement_before_the_commit_returns(start: Callable[..., Any]):
     postroom: Running = await start(smtp=TRUSTED, storage={"busy_timeout": "30s"})
     spool_file = postroom.service.settings.spool_path
@@ -85,6 +86,7 @@ async def test_no_acknowledgement_before_the_commit_returns(start: Callable[...,
     await client.close()
 
 
+@WITH_AND_WITHOUT_WORKERS
 async def test_a_failed_commit_is_never_a_success(start: Callable[..., Any]):
     postroom: Running = await start(smtp=TRUSTED, storage={"busy_timeout": "0.3s"})
     spool_file = postroom.service.settings.spool_path
@@ -110,6 +112,7 @@ async def test_a_failed_commit_is_never_a_success(start: Callable[..., Any]):
     assert postroom.service.readiness.is_ready
 
 
+@WITH_AND_WITHOUT_WORKERS
 @pytest.mark.parametrize("door", ["smtp", "http"])
 async def test_full_disk_is_452_and_507_and_not_ready_until_room_returns(
     start: Callable[..., Any], mx_sink: MxSink, door: str

@@ -19,6 +19,7 @@ import trustme
 from config import Settings, load_settings
 from store import RecipientStatus, Spool
 from tests.conftest import (
+    WITH_AND_WITHOUT_WORKERS,
     Process,
     postroom_cli,
     settings_data,
@@ -66,6 +67,7 @@ class Client:
         self.writer.close()
 
 
+@WITH_AND_WITHOUT_WORKERS
 async def test_drain_refuses_new_work_and_finishes_the_open_transaction(
     make_settings: Callable[..., Settings],
 ):
@@ -129,11 +131,12 @@ def process_config(tmp_path: Path, dns: DnsServer, mx_port: int, server_cert, **
 
 
 @slow
+@WITH_AND_WITHOUT_WORKERS
 async def test_sigterm_under_load_loses_nothing_and_exits_0(
-    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert
+    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert, smtp_workers: int
 ):
     config = process_config(tmp_path, dns, mx_sink.port, server_cert,
-                            smtp={"trusted_networks": ["127.0.0.0/8"]})
+                            smtp={"trusted_networks": ["127.0.0.0/8"], "workers": smtp_workers})
     await asyncio.to_thread(postroom_cli, config, "init")
     created = await asyncio.to_thread(
         postroom_cli, config, "keys", "create", "--name", "load", "--json"
@@ -227,14 +230,15 @@ def has_line(proc: Process, *words: str) -> bool:
 
 
 @slow
+@WITH_AND_WITHOUT_WORKERS
 async def test_sighup_swaps_the_certificate_and_refuses_a_broken_config(
     tmp_path: Path, dns: DnsServer, mx_sink: MxSink, ca: trustme.CA,
-    client_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext, smtp_workers: int,
 ):
     (tmp_path / "tls").mkdir()
     cert, key = write_cert(ca, tmp_path / "tls")
     config = process_config(tmp_path, dns, mx_sink.port, (cert, key),
-                            server={"log_level": "INFO"})
+                            server={"log_level": "INFO"}, smtp={"workers": smtp_workers})
     await asyncio.to_thread(postroom_cli, config, "init")
     proc = await asyncio.to_thread(spawn_postroom, config)
     try:

@@ -9,13 +9,15 @@ import ssl
 import pytest
 
 from store import Scope
-from tests.conftest import Running
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import MxSink
 
 MESSAGE = (
     b"From: App <app@acme.test>\r\nTo: user@example.test\r\nSubject: SMTP hello\r\n\r\n"
     b"Hello over SMTP.\r\n"
 )
+
+pytestmark = WITH_AND_WITHOUT_WORKERS
 
 
 def smtp_session(port: int) -> smtplib.SMTP:

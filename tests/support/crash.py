@@ -54,6 +54,7 @@ class CrashPlan:
     seed: int = 1
     concurrency: int = 8  # workers, half SMTP and half HTTP
     drain_timeout: float = 60.0
+    smtp_workers: int = 0  # Postroom's smtp.workers: the SIGKILL hits the service process only
 
 
 @dataclass
@@ -68,6 +69,8 @@ class CrashReport:
     pending_after_drain: dict[str, int] = field(default_factory=dict)
     integrity: list[str] = field(default_factory=list)
     tracebacks: list[str] = field(default_factory=list)
+    #: SMTP worker processes still running 10 s after the service they served was killed
+    orphans: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -94,6 +97,8 @@ class CrashReport:
         if self.integrity != ["ok"]:
             found.append(f"integrity_check: {self.integrity}")
         found.extend(f"traceback in run {i}" for i, _ in enumerate(self.tracebacks))
+        if self.orphans:
+            found.append(f"SMTP workers outlived the killed service: pids {self.orphans}")
         return found
 
     def summary(self) -> str:
@@ -157,7 +162,7 @@ class _Process:
         return "".join(self.lines)
 
 
-def _config(workdir: Path, sink_port: int) -> Path:
+def _config(workdir: Path, sink_port: int, smtp_workers: int) -> Path:
     """A config routing every domain to the sink; loopback clients may relay without AUTH."""
     path = workdir / "postroom.toml"
     path.write_text(
@@ -170,6 +175,7 @@ shutdown_timeout = "5s"
 [smtp]
 listen = ["127.0.0.1:0"]
 trusted_networks = ["127.0.0.0/8"]
+workers = {smtp_workers}
 
 [api]
 listen = "127.0.0.1:0"
@@ -314,7 +320,7 @@ async def run_crash(
     workdir.mkdir(parents=True, exist_ok=True)
     report = CrashReport(plan)
     async with MxSink(hostname="sink.test") as sink:
-        config = _config(workdir, sink.port)
+        config = _config(workdir, sink.port, plan.smtp_workers)
         spool = await _open_spool(config)
         key = (await spool.create_key("crash", Scope.SEND)).secret
         await spool.close()
@@ -330,6 +336,7 @@ async def run_crash(
                 proc.kill()
                 if "Traceback" in proc.output:
                     report.tracebacks.append(proc.output)
+            report.orphans.extend(await _outliving(_worker_pids(proc.output)))
             report.kills += 1
             leased = await _leased_tokens(config)
             report.leased_at_kill.update(leased)
@@ -370,6 +377,28 @@ async def run_crash(
             await spool.close()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _worker_pids(output: str) -> list[int]:
+    """The SMTP workers a service named in its ready line (`smtp_workers=PID,PID` or `-`)."""
+    m = re.search(r"smtp_workers=([\d,]+)", output)
+    return [int(pid) for pid in m.group(1).split(",")] if m else []
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+async def _outliving(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Those of `pids` still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (running := [p for p in pids if _is_running(p)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return running
 
 
 def _token(data: bytes) -> str | None:

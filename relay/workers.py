@@ -1,0 +1,271 @@
+"""SMTP worker processes (`smtp.workers`), from the side of the service process that owns them.
+
+With `smtp.workers = N`, the service opens the SMTP listening sockets itself but accepts on none
+of them: it starts N worker processes (relay/worker.py) that inherit the sockets and run the SMTP
+sessions, so that the protocol work of many clients is spread over the machine's cores while one
+process keeps the spool's writer, the delivery engine, the API and the webhooks.
+
+Owns starting the workers (each gets its end of a socketpair, the sockets and the settings, and
+says when it listens), answering them (every call goes to the service's one `LocalDoor`, so that
+session counts, AUTH lock-outs and idempotency are the server's, and `commit` answers DATA only
+after the spool committed), supervision (a worker that dies is started again and what it had
+counted is released; one that keeps dying stops the service), reloads (the new settings are sent
+to each) and the drain at shutdown: each worker finishes its transactions, which the service
+still commits, before the service goes on to close the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from config import Settings
+from relay.frontdoor import LocalDoor
+from relay.ipc import Channel
+from relay.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: A worker that must be started again this many times within `_RESTART_WINDOW` seconds stops the
+#: service instead: something is wrong that another start will not fix.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW = 60.0
+_START_TIMEOUT = 30.0
+
+
+class WorkerFailed(RuntimeError):
+    """A worker could not start, or keeps dying."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    channel: Channel
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Sessions admitted through this worker and not yet released, per client: what the door
+    #: must forget if the worker dies without releasing them.
+    open: collections.Counter[str] = field(default_factory=collections.Counter)
+    served: asyncio.Task[None] | None = None
+
+
+class Workers:
+    def __init__(self, settings: Settings, door: LocalDoor, metrics: Metrics) -> None:
+        self.settings = settings
+        self._door = door
+        self._metrics = metrics
+        self._listeners: list[tuple[int, bool]] = []
+        self._tls: tuple[Path, Path] | None = None
+        self._workers: dict[int, _Worker] = {}
+        self._restarts: collections.deque[float] = collections.deque()
+        self._is_stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers.values()]
+
+    async def start(self, listeners: list[tuple[int, bool]], tls: tuple[Path, Path] | None) -> None:
+        """Start every worker and wait until each listens; `WorkerFailed` if one cannot.
+
+        `listeners` are the listening sockets' descriptors, each with whether it is implicit
+        TLS; `tls` the certificate and key the service loaded, if it did.
+        """
+        self._listeners = listeners
+        self._tls = tls
+        await asyncio.gather(
+            *(self._start(index) for index in range(1, self.settings.smtp.workers + 1))
+        )
+
+    async def _start(self, index: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        fds = [theirs.fileno(), *(fd for fd, _ in self._listeners)]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay.worker", str(theirs.fileno()),
+                pass_fds=fds, stdin=asyncio.subprocess.DEVNULL, env=_worker_environment(),
+            )
+        finally:
+            theirs.close()
+        channel = await Channel.over(ours)
+        worker = self._workers[index] = _Worker(index, process, channel)
+        worker.served = asyncio.create_task(
+            channel.serve(lambda op, args: self._handle(worker, op, args)),
+            name=f"smtp-worker-{index}",
+        )
+        channel.notify(
+            "start", self.settings, self._listeners, self._tls, index,
+        )
+        ready = asyncio.create_task(worker.ready.wait())
+        exited = asyncio.create_task(process.wait())
+        await asyncio.wait(
+            [ready, exited], timeout=_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        ready.cancel()
+        exited.cancel()
+        if not worker.ready.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise WorkerFailed(
+                f"smtp worker {index} did not start (exit status {process.returncode})"
+            )
+        logger.debug("smtp worker %d listening (pid %d)", index, process.pid)
+        return worker
+
+    # -- answering a worker --------------------------------------------------------------------
+
+    def _handle(self, worker: _Worker, op: str, args: tuple[Any, ...]) -> Any:
+        door = self._door
+        if op == "commit":
+            return door.commit(*args)
+        if op == "admit":
+            admission = door.admit(*args)
+            if admission.refusal is None:
+                worker.open[admission.client] += 1
+                self._metrics.smtp_session_opened()
+            return admission
+        if op == "release":
+            (client,) = args
+            if worker.open[client] > 0:
+                worker.open[client] -= 1
+                if not worker.open[client]:
+                    del worker.open[client]
+                door.release(client)
+                self._metrics.smtp_session_closed()
+            return None
+        if op == "authenticate":
+            return door.authenticate(*args)
+        if op == "is_locked":
+            return door.is_locked(*args)
+        if op == "auth_succeeded":
+            return door.auth_succeeded(*args)
+        if op == "auth_failed":
+            return door.auth_failed(*args)
+        if op == "metric":
+            (name,) = args
+            if name == "smtp_sessions":
+                self._metrics.smtp_sessions.inc()
+            elif name == "smtp_auth_failures":
+                self._metrics.smtp_auth_failures.inc()
+            return None
+        if op == "ready":
+            worker.ready.set()
+            return None
+        if op == "drained":
+            worker.drained.set()
+            return None
+        raise ValueError(f"unknown call {op!r}")
+
+    def _forget(self, worker: _Worker) -> None:
+        """Release what a gone worker had counted: its sessions ended with it."""
+        for client, count in worker.open.items():
+            for _ in range(count):
+                self._door.release(client)
+                self._metrics.smtp_session_closed()
+        worker.open.clear()
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start again a worker that died; raise `WorkerFailed` if they keep dying."""
+        while True:
+            waits = {
+                asyncio.create_task(w.process.wait()): w for w in self._workers.values()
+            }
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+            for task in done:
+                worker = waits[task]
+                await self._ended(worker)
+                if self._is_stopping:
+                    return
+                now = time.monotonic()
+                self._restarts.append(now)
+                while self._restarts and self._restarts[0] < now - _RESTART_WINDOW:
+                    self._restarts.popleft()
+                if len(self._restarts) > _MAX_RESTARTS:
+                    raise WorkerFailed(
+                        f"smtp worker {worker.index} keeps dying (exit status "
+                        f"{worker.process.returncode}); {len(self._restarts)} restarts within "
+                        f"{_RESTART_WINDOW:g}s"
+                    )
+                logger.error("smtp worker %d (pid %d) died with exit status %s: starting it "
+                             "again", worker.index, worker.process.pid, worker.process.returncode)
+                await self._start(worker.index)
+
+    async def _ended(self, worker: _Worker) -> None:
+        worker.channel.close()
+        if worker.served is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker.served
+        self._forget(worker)
+
+    def reconfigure(self, settings: Settings, tls: tuple[Path, Path] | None) -> None:
+        """After a reload: each worker takes the log settings and the certificate anew."""
+        self.settings = settings
+        self._tls = tls if self._tls is not None else None
+        for worker in self._workers.values():
+            worker.channel.notify("settings", settings, self._tls)
+
+    async def stop(
+        self, timeout: float, let_go: Callable[[], None] = lambda: None  # noqa: ASYNC109
+    ) -> None:
+        """The drain: each worker finishes its transactions within `timeout`, then exits.
+
+        Until every worker has finished, each keeps answering new connections with 421. Then
+        `let_go` closes the service's own copies of the listening sockets, and the workers close
+        theirs: the sockets close with the last worker's, as it stops accepting, so no client
+        is left waiting in their backlog for a reset.
+        """
+        self._is_stopping = True
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.channel.notify("drain")
+        for worker in workers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_either(worker.drained, worker.process), timeout + 5.0)
+        let_go()
+        for worker in workers:
+            worker.channel.notify("exit")
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.process.wait(), 5.0)
+            except TimeoutError:
+                logger.error("smtp worker %d did not stop in time: killed", worker.index)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+            await self._ended(worker)
+
+
+def _worker_environment() -> dict[str, str]:
+    """The service's environment without systemd's notification and watchdog variables: the
+    service alone speaks to systemd (the unit's NotifyAccess=main would ignore a worker)."""
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY}
+
+
+_SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC"})
+
+
+async def _either(event: asyncio.Event, process: asyncio.subprocess.Process) -> None:
+    """Until `event` is set or `process` has exited."""
+    waits = [asyncio.create_task(event.wait()), asyncio.create_task(process.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
