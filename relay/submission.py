@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import ipaddress
 import logging
 import re
@@ -232,6 +233,16 @@ _HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
 _hook_names_of: dict[type, list[str]] = {}
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+#: An angle-bracketed path whose local part is a dot-atom and whose domain is plain labels,
+#: then the parameters: what `get_angle_addr` parses to the same address and rest (it takes
+#: the blanks after `>` as part of the path; a comment there goes the long way).
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*((?:[^ \t(].*)?)\Z",
+    re.S,
+)
+
+
 def _hook_names(cls: type) -> list[str]:
     names = _hook_names_of.get(cls)
     if names is None:
@@ -254,6 +265,7 @@ class SubmissionSMTP(SMTP):
         self._door = handler
         self._deadline: asyncio.TimerHandle | None = None
         self._is_counted = True
+        self._held_lines: list[str] = []
         #: The API key this session authenticated with, kept (in memory only, never logged) so
         #: that each MAIL can check it was not revoked since (`SubmissionHandler._recheck_key`).
         self.auth_secret: str | None = None
@@ -293,7 +305,21 @@ class SubmissionSMTP(SMTP):
             self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(enhance_reply(status) if isinstance(status, str) else status)
+        if not isinstance(status, str):
+            await super().push(status)
+            return
+        if status[3:4] == "-":
+            # A line of a multi-line reply (EHLO's capabilities): written with its last line,
+            # one socket write for the whole reply instead of one per line (about 8% of an
+            # SMTP worker's time went to writes, profiled under bench/vs_postfix.sh).
+            self._held_lines.append(status)
+            return
+        if self._held_lines:
+            status = "\r\n".join([*self._held_lines, enhance_reply(status)])
+            self._held_lines.clear()
+            await super().push(status)
+            return
+        await super().push(enhance_reply(status))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd 1.4's own version parses the same way but first defines a typing.Protocol
@@ -301,6 +327,21 @@ class SubmissionSMTP(SMTP):
         # bench/accept_smtp.py). Same parse, same limits, same answers.
         if not arg:
             return "", ""
+        if simple := _SIMPLE_PATH.match(arg):
+            # `<dot-atom@domain>` and parameters, nearly every real MAIL and RCPT: the email
+            # parser would return the same address and rest, at ten times the cost.
+            addr, rest = simple.group(1), simple.group(2)
+        else:
+            addr, rest = self._parse_path(arg)
+            if addr is None:
+                return None, None
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
+
+    @staticmethod
+    def _parse_path(arg: str) -> tuple[str | None, str]:
         try:
             if arg.lstrip().startswith("<"):
                 angle, rest = get_angle_addr(arg)
@@ -309,10 +350,7 @@ class SubmissionSMTP(SMTP):
                 spec, rest = get_addr_spec(arg)
                 addr = spec.addr_spec
         except HeaderParseError:
-            return None, None
-        localpart = addr.rpartition("@")[0]
-        if self.local_part_limit and len(localpart) > self.local_part_limit:
-            return None, None
+            return None, ""
         return addr, rest
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
@@ -622,6 +660,13 @@ class SubmissionHandler:
         # the client to give up; a failure of ours is temporary (STYLE.md gotcha 2).
         logger.error("SMTP session error", exc_info=error)
         return "451 4.3.0 Internal error, try again later"
+
+
+# aiosmtpd's SMTP.__init__ reads handle_EHLO's signature for every new connection (to tell its
+# old four-argument form): inspect.signature is about 13 µs of it, 4 µs with the answer ready.
+SubmissionHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    SubmissionHandler.handle_EHLO
+)
 
 
 def session_facts(server: SMTP, session: Session, principal: Principal | None) -> SessionFacts:

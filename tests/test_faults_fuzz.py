@@ -29,6 +29,7 @@ from api.compose import compose, envelope_recipients
 from api.models import SendRequest
 from config import Settings
 from relay.service import Service
+from relay.submission import _SIMPLE_PATH, SubmissionSMTP
 from tests.conftest import settings_data
 from tests.support import DnsServer
 
@@ -307,3 +308,23 @@ def test_raw_smtp_input_never_breaks_the_listener(tmp_path: Path, dns: DnsServer
         session.send(b"QUIT")
         assert (session.reply() or "").startswith("221")
         session.close()
+
+
+# -- the SMTP path parser's fast path --------------------------------------------------------------
+
+_ATOM = st.text(alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~-.\"", min_size=1, max_size=12)
+_LABELS = st.text(alphabet="abcZ09-.[]", min_size=1, max_size=12)
+_PARAMETERS = st.sampled_from([
+    "", " SIZE=3000", "  BODY=8BITMIME SMTPUTF8", "\tSIZE=1", " ", " (comment) SIZE=2",
+    "SIZE=1", " SIZE=1 ", "SIZE=1 (x)", "\t\tA", " é",
+])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_ATOM, _LABELS, _PARAMETERS)
+def test_the_fast_path_parser_agrees_with_the_email_parser(local: str, domain: str, rest: str):
+    arg = f"<{local}@{domain}>{rest}"
+    simple = _SIMPLE_PATH.match(arg)
+    if simple is None:
+        return  # the long way is the email parser itself
+    assert simple.groups() == SubmissionSMTP._parse_path(arg), arg
