@@ -179,6 +179,15 @@ class ServerSettings(Section):
     shutdown_timeout: Duration = 30.0
 
 
+def auto_workers() -> int:
+    """`smtp.workers = "auto"`: one per core this process may run on beyond the first, up to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(max(cores - 1, 0), 8)
+
+
 class SmtpSettings(Section):
     listen: list[Address] = ["127.0.0.1:2525"]
     tls_cert: Path | None = None
@@ -196,8 +205,22 @@ class SmtpSettings(Section):
     auth_failure_window: Duration = 600.0
     auth_failure_delay: Duration = 1.0
     auth_lockout: Duration = 900.0
-    #: SMTP worker processes (relay/workers.py); 0: the service process runs the sessions itself.
-    workers: int = Field(default=0, ge=0, le=64)
+    #: SMTP worker processes (relay/workers.py); 0: the service process runs the sessions itself;
+    #: "auto": one per core beyond the first (so none on one core), at most 8.
+    workers: int | Literal["auto"] = "auto"
+
+    @property
+    def worker_count(self) -> int:
+        """How many SMTP worker processes `postroom serve` runs."""
+        return self.workers if isinstance(self.workers, int) else auto_workers()
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and 0 <= value <= 64):
+            return value
+        raise ValueError('a number of processes from 0 to 64, or "auto"')
 
     @field_validator("trusted_networks")
     @classmethod

@@ -182,7 +182,7 @@ class Service:
                 cert = tls_paths(settings)[0]
                 raise StartupError(f"smtp.tls_listen needs a certificate: none at {cert}")
             door = LocalDoor(spool, settings)
-            if settings.smtp.workers:
+            if settings.smtp.worker_count:
                 # SMTP worker processes (relay/workers.py) accept on these; this process never
                 # does, so its loop is left to the spool, delivery, the API and webhooks.
                 listeners = await self._open_for_workers(smtp_servers)

@@ -84,7 +84,7 @@ class Workers:
         self._listeners = listeners
         self._tls = tls
         await asyncio.gather(
-            *(self._start(index) for index in range(1, self.settings.smtp.workers + 1))
+            *(self._start(index) for index in range(1, self.settings.smtp.worker_count + 1))
         )
 
     async def _start(self, index: int) -> _Worker:

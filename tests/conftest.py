@@ -80,8 +80,9 @@ def settings_data(tmp_path: Path, dns: DnsServer, mx_port: int, server_cert: tup
         "server": {"data_dir": str(tmp_path / "data"), "hostname": "postroom.test",
                    "shutdown_timeout": "5s"},
         # AUTH failures are answered without the production delay: tests stay fast.
+        # The sessions in the service process unless a test asks for workers (`smtp_workers`).
         "smtp": {"listen": ["127.0.0.1:0"], "tls_cert": str(cert), "tls_key": str(key),
-                 "auth_failure_delay": "1ms"},
+                 "auth_failure_delay": "1ms", "workers": 0},
         "api": {"listen": "127.0.0.1:0"},
         "delivery": {
             "dns_nameservers": [f"127.0.0.1:{dns.port}"],
@@ -124,8 +125,7 @@ def make_settings(
 ) -> Callable[..., Settings]:
     def make(**sections: dict[str, Any]) -> Settings:
         data = settings_data(tmp_path, dns, mx_sink.port, server_cert)
-        if smtp_workers:
-            data["smtp"]["workers"] = smtp_workers
+        data["smtp"]["workers"] = smtp_workers
         return Settings(**merge(data, sections))
 
     return make

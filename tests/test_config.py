@@ -177,3 +177,21 @@ def test_example_config_documents_every_field_with_its_default():
             assert re.search(rf"^#? ?{name} = ", block, re.MULTILINE), f"{section}.{name}"
         if section != "server":
             assert getattr(example, section) == model, section
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (3, 3), ("auto", None)])
+def test_smtp_workers_is_a_count_or_auto(value: object, expected: int | None):
+    smtp = Settings(smtp={"workers": value}).smtp
+    cores = len(os.sched_getaffinity(0))
+    assert smtp.worker_count == (min(max(cores - 1, 0), 8) if expected is None else expected)
+
+
+def test_bad_smtp_workers_is_named(tmp_path: Path):
+    config = tmp_path / "postroom.toml"
+    config.write_text('[smtp]\nworkers = "many"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(config)
+    assert any(p.startswith("smtp.workers") for p in excinfo.value.problems)
+    config.write_text("[smtp]\nworkers = -1\n")
+    with pytest.raises(ConfigError, match=r"smtp\.workers"):
+        load_settings(config)
