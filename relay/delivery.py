@@ -113,7 +113,7 @@ class DeliveryEngine:
             free = cfg.max_connections - len(self._running)
             jobs: list[DeliveryJob] = []
             if free > 0:
-                rooms, default_room, routed_room = self._claim_rooms()
+                rooms, default_room, routed_room, smarthost_rooms = self._claim_rooms()
                 self._spool.work_available.clear()
                 self._slot_freed.clear()
                 units = min(free, cfg.claim_batch, routed_room)
@@ -126,6 +126,8 @@ class DeliveryEngine:
                             rooms=rooms,
                             aging=cfg.priority_aging,
                             now=self._clock(),
+                            shared=self._smarthost_of,
+                            shared_rooms=smarthost_rooms,
                         )
                 except StoreError as exc:
                     # A failed commit (write lock held too long, full disk) is the spool's
@@ -138,7 +140,7 @@ class DeliveryEngine:
             for job in jobs:
                 key = pace_key(self._settings, job.destination)
                 if self._pacer.room(key) <= 0:
-                    held.append(job)  # its smarthost is full (see _claim_rooms)
+                    held.append(job)  # pacing changed since the claim: given back
                     continue
                 self._pacer.started(key)
                 task = asyncio.create_task(
@@ -152,16 +154,11 @@ class DeliveryEngine:
                 continue  # there may be more due work that can start now
             await self._wait_for_work(cfg.poll_interval)
 
-    def _claim_rooms(self) -> tuple[dict[str, int], int, int]:
-        """Pacing's rooms per recipient domain, as the spool claims them: (named domains, any
-        other domain, the most units in all). A domain routed through a smarthost gets the
-        smarthost's room.
-
-        Several domains share one smarthost and the claim gives each domain its room, so it may
-        lease more than the smarthost can start now; `run` starts what pacing allows and gives
-        the rest back. With a `"*"` route every domain goes through a smarthost, so the claim
-        is capped at what the smarthosts can start together and nothing is over-claimed
-        unless several smarthosts are routed to.
+    def _claim_rooms(self) -> tuple[dict[str, int], int, int, dict[str, int]]:
+        """Pacing's rooms as the spool claims them: (per named recipient domain, any other
+        domain, the most units in all, per smarthost). A domain routed through a smarthost gets
+        the smarthost's room, and the domains of one smarthost share it (`_smarthost_of`), so
+        the claim leases no more than the smarthost can start now.
         """
         cfg = self._settings.delivery
         rooms, default = self._pacer.rooms()
@@ -169,14 +166,23 @@ class DeliveryEngine:
             name: room for name, room in rooms.items()
             if ":" not in name and cfg.route_for(name) is None  # a domain delivered by MX
         }
-        smarthosts = {pace_key(self._settings, domain) for domain in cfg.routes}
+        smarthosts = {
+            key: self._pacer.room(key)
+            for key in {pace_key(self._settings, domain) for domain in cfg.routes}
+        }
         for domain in cfg.routes:
-            by_domain[domain] = self._pacer.room(pace_key(self._settings, domain))
+            by_domain[domain] = smarthosts[pace_key(self._settings, domain)]
         total = cfg.max_connections
         if "*" in cfg.routes:
             default = by_domain.pop("*")
-            total = sum(self._pacer.room(key) for key in smarthosts)
-        return by_domain, default, total
+            total = sum(smarthosts.values())
+        return by_domain, default, total, smarthosts
+
+    def _smarthost_of(self, domain: str) -> str | None:
+        """The smarthost (`host:port`) a recipient domain is routed through; None: by MX."""
+        return pace_key(self._settings, domain) if self._settings.delivery.route_for(
+            domain
+        ) is not None else None
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from store import intake, retention, suppressions
 from store.crypto import BODY, Sealer
@@ -47,16 +47,22 @@ class SpoolDelivery(SpoolBase):
         now: float | None = None,
         rooms: Mapping[str, int] | None = None,
         aging: float = 300.0,
+        shared: Callable[[str], str | None] | None = None,
+        shared_rooms: Mapping[str, int] | None = None,
     ) -> list[DeliveryJob]:
         """Lease due units, round-robin over destinations, grouped into per-message jobs.
 
         A destination gets at most `rooms[destination]` units (pacing's answer: what it can
-        start now), else `per_destination`. Within a destination higher priority goes first,
-        but about half of each claim (every other claim when the room is one) goes to units
-        overdue by more than `aging` seconds, oldest first: high-priority mail cannot starve
-        normal and low, nor can fresh mail be starved by an old backlog (qmgr's fairness).
+        start now), else `per_destination`. Destinations that share a limit (the domains routed
+        through one smarthost: `shared(domain)` names it) get at most `shared_rooms[name]` units
+        together, so nothing is leased that could not start. Within a destination higher
+        priority goes first, but about half of each claim (every other claim when the room is
+        one) goes to units overdue by more than `aging` seconds, oldest first: high-priority
+        mail cannot starve normal and low, nor can fresh mail be starved by an old backlog
+        (qmgr's fairness).
         """
         room_of = dict(rooms or {})
+        shared_left = dict(shared_rooms or {})
         start = self._rotation
         self._rotation += 1
 
@@ -76,6 +82,9 @@ class SpoolDelivery(SpoolBase):
                 if room <= 0:
                     break
                 limit = min(room, room_of.get(domain, per_destination))
+                group = shared(domain) if shared is not None else None
+                if group is not None and group in shared_left:
+                    limit = min(limit, shared_left[group])
                 if limit <= 0:
                     continue
                 params = {"domain": domain, "now": at, "lease_until": at + lease}
@@ -91,6 +100,8 @@ class SpoolDelivery(SpoolBase):
                         Q["claim_destination"], {**params, "limit": limit - len(rows)}
                     ).fetchall()
                 claimed.extend(Recipient.from_row(r) for r in rows)
+                if group is not None and group in shared_left:
+                    shared_left[group] -= len(rows)
             return _group_jobs(conn, claimed, self._limits.sealer)
 
         return await self._writer.run(job)

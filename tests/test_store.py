@@ -103,6 +103,27 @@ async def test_claim_leases_units_once_and_round_robins_destinations(spool: Spoo
     assert len(again) == 20
 
 
+async def test_domains_sharing_a_smarthost_share_its_room_in_the_claim(spool: Spool):
+    for i in range(8):
+        await spool.accept(submission(f"u{i}@d{i}.test"))
+    await spool.accept(submission("mx@direct.test"))
+    relayed = {f"d{i}.test" for i in range(8)}
+    jobs = await spool.claim_due(
+        max_units=100, per_destination=2, lease=60, rooms={d: 2 for d in relayed},
+        shared=lambda domain: "relay.test:25" if domain in relayed else None,
+        shared_rooms={"relay.test:25": 3},
+    )
+    # Three for the smarthost, whichever of its domains they are for; the MX domain its own.
+    destinations = [j.destination for j in jobs]
+    assert sum(d in relayed for d in destinations) == 3
+    assert destinations.count("direct.test") == 1
+    # What was not claimed stays due for the next claim, nothing of it leased.
+    rest = await spool.claim_due(max_units=100, per_destination=100, lease=60)
+    assert sorted(j.destination for j in rest) == sorted(
+        relayed - {d for d in destinations if d in relayed}
+    )
+
+
 async def test_expired_and_recovered_leases_make_units_due_again(spool: Spool):
     accepted = await spool.accept(submission())
     [job] = await spool.claim_due(10, 10, lease=60)
