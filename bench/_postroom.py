@@ -214,8 +214,13 @@ class PrivatePostroom:
             return "\n".join(self.log_tail)
 
     def peak_rss_kib(self) -> int | None:
-        """VmHWM of the running process (KiB), None once it is gone."""
-        return read_status_kib(self.pid, "VmHWM") if self.proc is not None else None
+        """VmHWM of the running service plus its SMTP workers' (KiB), None once it is gone.
+
+        A sum of peaks: at least the peak of the sum, so never an underestimate."""
+        if self.proc is None:
+            return None
+        peaks = [read_status_kib(pid, "VmHWM") for pid in family(self.pid)]
+        return sum(p for p in peaks if p is not None) if peaks[0] is not None else None
 
     def stop(self) -> None:
         """SIGTERM our process, wait for it (SIGKILL after a grace period), remove the files."""
@@ -264,15 +269,34 @@ def read_status_kib(pid: int, field_name: str) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+def family(pid: int) -> list[int]:
+    """`pid` and its child processes (the service's SMTP workers), from /proc."""
+    children: list[int] = []
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rpartition(")")[2].split()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
+                children.extend(int(child) for child in fh.read().split())
     except OSError:
-        return None
-    # After the ")" of comm: state is fields[0], so utime (field 14) is fields[11].
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pass
+    return [pid, *children]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time so far of a process, its live children (the SMTP workers) and
+    the children it has reaped, from /proc/<pid>/stat."""
+    total = 0.0
+    for index, member in enumerate(family(pid)):
+        try:
+            with open(f"/proc/{member}/stat", encoding="ascii") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:
+            if index == 0:
+                return None
+            continue
+        # After the ")" of comm: state is fields[0], so utime (field 14) is fields[11]; the
+        # reaped children's cutime and cstime follow.
+        total += sum(int(f) for f in (fields[11:15] if index == 0 else fields[11:13]))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- workers ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from config import RouteSettings, Settings
 from relay import bounce
-from relay.dkim import DkimError, KeyRing
+from relay.dkim import DkimError, KeyRing, SignWith, sign_here
 from relay.mx import MxResolver, screen
 from relay.outcome import decide, not_attempted
 from relay.pacing import Limits, Pacer
@@ -72,6 +72,7 @@ class DeliveryEngine:
         resolver: MxResolver,
         own_listeners: Sequence[tuple[str, int]] = (),
         clock: Callable[[], float] = time.time,
+        sign_with: SignWith = sign_here,
     ) -> None:
         # `clock` (UNIX time) decides what is due, when a deferred unit is tried again, when a
         # message has expired, and stamps recorded outcomes: tests advance it through the retry
@@ -91,6 +92,7 @@ class DeliveryEngine:
             source_address=cfg.source_address,
         )
         self._keys = KeyRing(spool.domain_keys, ttl=cfg.key_cache_ttl)
+        self._sign_with = sign_with
         self._pacer = Pacer(
             limits=lambda d: _limits(self._settings, d),
             default=_limits(settings, ""),
@@ -386,7 +388,7 @@ class DeliveryEngine:
         content = await self._with_unsubscribe(job)
         try:
             signer = await self._keys.signer_for(content)
-            return content if signer is None else signer.sign(content)
+            return content if signer is None else await self._sign_with(signer.keys, content)
         except DkimError as exc:
             return NotAttempted(str(exc))
 

@@ -208,6 +208,10 @@ class Signer:
         self._keys = keys
         self._domain = keys.name.encode()
 
+    @property
+    def keys(self) -> DomainKeys:
+        return self._keys
+
     def sign(self, content: bytes) -> bytes:
         """`content` with DKIM-Signature header(s) prepended; raises DkimError."""
         include = headers_to_sign(content)
@@ -236,6 +240,15 @@ class Signer:
         except dkim.DKIMException as exc:
             raise DkimError(f"cannot sign for {self._keys.name}: {exc}") from None
         return header + content
+
+
+#: Signs `content` with a domain's keys, somewhere: `sign_here` in this process, or an SMTP
+#: worker process (relay/workers.py) so that the service's loop is free for the rest.
+SignWith = Callable[[DomainKeys, bytes], Awaitable[bytes]]
+
+
+async def sign_here(keys: DomainKeys, content: bytes) -> bytes:
+    return Signer(keys).sign(content)
 
 
 class KeyRing:

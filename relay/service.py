@@ -33,6 +33,7 @@ from api import create_app, create_public_app
 from config import ConfigError, Settings, load_settings, parse_address
 from relay import egress, logs
 from relay.delivery import DeliveryEngine
+from relay.dkim import sign_here
 from relay.domains import Domains
 from relay.frontdoor import LocalDoor
 from relay.metrics import Metrics
@@ -220,7 +221,8 @@ class Service:
                 logger.warning("%d delivery unit(s) were in flight at the last stop: due now",
                                recovered)
             engine = DeliveryEngine(
-                spool, settings, MxResolver(build_resolver(settings)), self.smtp_addresses
+                spool, settings, MxResolver(build_resolver(settings)), self.smtp_addresses,
+                sign_with=self.workers.sign if self.workers is not None else sign_here,
             )
             tasks["delivery"] = asyncio.create_task(engine.run(), name="delivery")
             live_engine = engine

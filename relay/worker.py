@@ -6,7 +6,9 @@ them on; every worker accepts on the same ones, and the kernel hands each new co
 of them. A worker runs the same sessions as the service would (relay/submission.py and
 relay/sessions.py); what they share with the rest of the server it asks the service, through
 `RemoteDoor`: admission, key lookups, AUTH lock-outs, and the commit, whose answer is the reply
-to DATA — so `250` still follows the spool's commit, made by the one process that writes.
+to DATA — so `250` still follows the spool's commit, made by the one process that writes. The
+other way, the service asks a worker to DKIM-sign a message about to be delivered: CPU work the
+service's loop is spared.
 
 It stops, finishing the transactions in flight, on the service's `drain`, on SIGTERM or SIGINT
 (systemd signals the whole unit); it stops at once if the service is gone, because nothing can
@@ -29,6 +31,7 @@ from typing import Any
 
 from config import Settings
 from relay import logs
+from relay.dkim import Signer
 from relay.ipc import Channel, ChannelClosed, RemoteError
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
@@ -140,13 +143,17 @@ async def run(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def handle(op: str, args: tuple[Any, ...]) -> None:
+    def handle(op: str, args: tuple[Any, ...]) -> bytes | None:
+        if op == "sign":  # DKIM signing for the delivery engine (relay/workers.py `sign`)
+            keys, content = args
+            return Signer(keys).sign(content)
         if op == "drain":
             stop.set()
         elif op == "exit":
             may_exit.set()
         elif op == "settings":
             _reconfigure(args[0], args[1], tls)
+        return None
 
     served = asyncio.create_task(channel.serve(handle), name="channel")
     channel.notify("ready", index)

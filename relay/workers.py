@@ -3,7 +3,8 @@
 With `smtp.workers = N`, the service opens the SMTP listening sockets itself but accepts on none
 of them: it starts N worker processes (relay/worker.py) that inherit the sockets and run the SMTP
 sessions, so that the protocol work of many clients is spread over the machine's cores while one
-process keeps the spool's writer, the delivery engine, the API and the webhooks.
+process keeps the spool's writer, the delivery engine, the API and the webhooks. The engine
+hands DKIM signing to the workers too (`sign`): the service's loop is left the rest.
 
 Owns starting the workers (each gets its end of a socketpair, the sockets and the settings, and
 says when it listens), answering them (every call goes to the service's one `LocalDoor`, so that
@@ -30,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from config import Settings
+from relay.dkim import DkimError, sign_here
 from relay.frontdoor import LocalDoor
-from relay.ipc import Channel
+from relay.ipc import Channel, ChannelClosed, RemoteError
 from relay.metrics import Metrics
+from store import DomainKeys
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class _Worker:
     #: must forget if the worker dies without releasing them.
     open: collections.Counter[str] = field(default_factory=collections.Counter)
     served: asyncio.Task[None] | None = None
+    #: DKIM signatures asked of this worker and not answered yet
+    signing: int = 0
 
 
 class Workers:
@@ -213,6 +218,27 @@ class Workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker.served
         self._forget(worker)
+
+    async def sign(self, keys: DomainKeys, content: bytes) -> bytes:
+        """DKIM-sign `content` in a worker (the one with the fewest signatures in hand), or here
+        if none is running; a worker's `DkimError` is raised as one."""
+        live = [w for w in self._workers.values() if w.ready.is_set() and not w.channel.is_closed]
+        if not live:
+            return await sign_here(keys, content)
+        worker = min(live, key=lambda w: w.signing)
+        worker.signing += 1
+        try:
+            signed = await worker.channel.call("sign", keys, content)
+        except ChannelClosed:  # the worker died meanwhile: signed here instead
+            return await sign_here(keys, content)
+        except RemoteError as exc:
+            if exc.kind == "DkimError":
+                raise DkimError(str(exc).removeprefix("DkimError: ")) from None
+            raise
+        finally:
+            worker.signing -= 1
+        assert isinstance(signed, bytes)
+        return signed
 
     def reconfigure(self, settings: Settings, tls: tuple[Path, Path] | None) -> None:
         """After a reload: each worker takes the log settings and the certificate anew."""

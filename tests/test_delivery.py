@@ -9,7 +9,7 @@ from typing import Any
 
 from relay.dkim import generate_keys
 from store import Message, RecipientStatus, Source, Submission
-from tests.conftest import Running
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import DnsServer, MxSink, wait_until
 
 CONTENT = b"From: app@acme.test\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -168,6 +168,7 @@ async def test_a_pending_unit_whose_body_is_gone_fails(start: Any, mx_sink: MxSi
     assert shown["events"][-1]["data"]["reason"] == "the stored message body is gone"
 
 
+@WITH_AND_WITHOUT_WORKERS  # with workers, a worker signs (and fails to)
 async def test_a_domain_whose_dkim_key_cannot_sign_fails_at_once(
     postroom: Running, mx_sink: MxSink
 ):

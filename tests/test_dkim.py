@@ -21,7 +21,7 @@ from relay.dkim import (
     txt_records,
 )
 from store import DomainKeys, RecipientStatus, Source, Submission
-from tests.conftest import Running, postroom_cli
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running, postroom_cli
 from tests.support import DnsServer, MxSink, wait_until
 
 HEADERS = (
@@ -154,6 +154,7 @@ def test_private_keys_stay_out_of_reprs():
     assert "PRIVATE" not in repr(keys) and str(keys.ed25519_key) not in repr(keys)
 
 
+@WITH_AND_WITHOUT_WORKERS  # with workers, a worker signs
 @pytest.mark.parametrize("both", [False, True], ids=["rsa", "rsa+ed25519"])
 async def test_delivered_mail_verifies_against_dns(
     postroom: Running, mx_sink: MxSink, dns: DnsServer, both: bool
