@@ -31,7 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-CONFIG = """\
+#: `smtp.workers` of the private Postroom: the environment's SMTP_WORKERS (a number, or "auto",
+#: the default) — `SMTP_WORKERS=0` measures the single-process layout.
+_WORKERS = os.environ.get("SMTP_WORKERS", "auto")
+_WORKERS_TOML = _WORKERS if _WORKERS.isdigit() else json.dumps(_WORKERS)
+
+CONFIG = f"""\
 [server]
 data_dir = "data"
 hostname = "bench.test"
@@ -39,6 +44,7 @@ hostname = "bench.test"
 [smtp]
 listen = ["127.0.0.1:0"]
 trusted_networks = ["127.0.0.0/8"]
+workers = {_WORKERS_TOML}
 
 [api]
 listen = "127.0.0.1:0"

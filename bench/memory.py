@@ -83,10 +83,16 @@ def measure(args: argparse.Namespace, units: int) -> tuple[int | None, int | Non
                 client.get("/readyz").raise_for_status()
                 time.sleep(1.0)
         rss = _postroom.read_status_kib(server.pid, "VmRSS")
+        workers = [
+            _postroom.read_status_kib(pid, "VmRSS") or 0
+            for pid in _postroom.family(server.pid)[1:]
+        ]
         peak = server.peak_rss_kib()
         print(
             f"  {units:>9} units: RSS {_postroom.mib(rss)} after {args.settle:g} s "
-            f"(at start {_postroom.mib(rss_at_start)}), peak (VmHWM) {_postroom.mib(peak)}",
+            f"(at start {_postroom.mib(rss_at_start)}), SMTP workers "
+            f"{' + '.join(_postroom.mib(w) for w in workers) or 'none'}; "
+            f"peak (VmHWM, service + workers) {_postroom.mib(peak)}",
             flush=True,
         )
     return rss, peak
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [(size, *measure(args, size)) for size in args.sizes]
     print("summary (target: peak <= 150 MB at 1,000,000 units, flat as the queue grows):")
     for size, rss, peak in results:
-        print(f"  {size:>9} units: RSS {_postroom.mib(rss)}, peak {_postroom.mib(peak)}")
+        print(f"  {size:>9} units: service RSS {_postroom.mib(rss)}, peak with the workers "
+              f"{_postroom.mib(peak)}")
     return 0
 
 

@@ -23,7 +23,7 @@
 #   bench/vs_postfix.sh                 # small: 2,000 messages, 1 round
 #   bench/vs_postfix.sh 20000 3         # full size: 20,000 messages, 3 rounds
 #   POSTROOM=/path/to/postroom bench/vs_postfix.sh
-#   WORKERS=0 bench/vs_postfix.sh       # Postroom's smtp.workers (default "auto")
+#   SMTP_WORKERS=0 bench/vs_postfix.sh  # Postroom's smtp.workers (default "auto")
 # Postfix is installed from the distribution's packages when missing (Debian/Ubuntu: apt-get,
 # with "No configuration" preseeded, so nothing of it starts or gets configured).
 
@@ -31,7 +31,7 @@ set -euo pipefail
 
 MESSAGES=${1:-2000}
 ROUNDS=${2:-1}
-WORKERS=${WORKERS:-auto}
+WORKERS=${SMTP_WORKERS:-auto}
 [[ $WORKERS =~ ^[0-9]+$ ]] || WORKERS="\"$WORKERS\""  # a TOML string: "auto"
 SESSIONS=20
 SIZE=3000

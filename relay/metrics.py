@@ -100,6 +100,13 @@ class Metrics:
         self.smtp_auth_failures = Counter(
             "postroom_smtp_auth_failures", "AUTH attempts refused with 535 5.7.8.", registry=r
         )
+        self.smtp_workers = Gauge(
+            "postroom_smtp_workers", "SMTP worker processes accepting sessions now.", registry=r
+        )
+        self.smtp_worker_restarts = Counter(
+            "postroom_smtp_worker_restarts",
+            "SMTP worker processes started again after one died or was stopped.", registry=r,
+        )
         # -- the spool's group-commit writer --
         self.commit_batch = Histogram(
             "postroom_spool_commit_batch_size", "Jobs carried by one group commit.",

@@ -63,6 +63,7 @@ class _Worker:
     served: asyncio.Task[None] | None = None
     #: DKIM signatures asked of this worker and not answered yet
     signing: int = 0
+    has_ended: bool = False
 
 
 class Workers:
@@ -166,9 +167,14 @@ class Workers:
             return None
         if op == "ready":
             worker.ready.set()
+            self._metrics.smtp_workers.inc()
             return None
         if op == "drained":
             worker.drained.set()
+            if not self._is_stopping:
+                # It drained on a signal of its own (someone's `kill`): let it end now, and
+                # `run` starts another. At a shutdown, `stop` lets every worker go at once.
+                worker.channel.notify("exit")
             return None
         raise ValueError(f"unknown call {op!r}")
 
@@ -208,11 +214,20 @@ class Workers:
                         f"{worker.process.returncode}); {len(self._restarts)} restarts within "
                         f"{_RESTART_WINDOW:g}s"
                     )
-                logger.error("smtp worker %d (pid %d) died with exit status %s: starting it "
-                             "again", worker.index, worker.process.pid, worker.process.returncode)
+                self._metrics.smtp_worker_restarts.inc()
+                if worker.process.returncode == 0:
+                    logger.warning("smtp worker %d (pid %d) stopped on a signal: starting "
+                                   "another", worker.index, worker.process.pid)
+                else:
+                    logger.error("smtp worker %d (pid %d) died with exit status %s: starting "
+                                 "it again", worker.index, worker.process.pid,
+                                 worker.process.returncode)
                 await self._start(worker.index)
 
     async def _ended(self, worker: _Worker) -> None:
+        if worker.ready.is_set() and not worker.has_ended:
+            self._metrics.smtp_workers.dec()
+        worker.has_ended = True
         worker.channel.close()
         if worker.served is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -139,6 +139,41 @@ async def test_a_dead_worker_is_started_again_and_its_sessions_are_released(
     assert b"Subject: via a worker" in received.data
     assert (await postroom.spool.get_message(message_id)) is not None
     assert "died with exit status -9: starting it again" in caplog.text
+    async with postroom.http() as http:
+
+        async def both_running() -> bool:
+            return counters((await http.get("/metrics")).text)["postroom_smtp_workers"] == 2
+
+        await wait_until(both_running, message="/metrics does not count 2 running workers")
+        found = counters((await http.get("/metrics")).text)
+    assert found["postroom_smtp_worker_restarts_total"] == 2
+
+
+async def test_a_worker_stopped_by_sigterm_finishes_its_transaction_and_is_replaced(
+    start: Callable[..., Any], mx_sink: MxSink
+):
+    postroom = await start_with_workers(start, trusted_networks=["127.0.0.0/8"])
+    workers = postroom.service.workers
+    assert workers is not None
+    clients = [await RawSmtp.open(postroom.smtp_port) for _ in range(6)]
+    for i, client in enumerate(clients):  # a transaction open on every worker, most likely
+        assert (await client.command("EHLO client.test")).startswith("250")
+        assert (await client.command("MAIL FROM:<cron@acme.test>")).startswith("250")
+        assert (await client.command(f"RCPT TO:<user{i}@example.test>")).startswith("250")
+    before = workers.pids
+    os.kill(before[0], signal.SIGTERM)  # an operator's kill, not a shutdown
+    await asyncio.sleep(0.2)
+    # Its transactions finish with a real 250, the others' too.
+    for client in clients:
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(MESSAGE + b".")).startswith("250 2.0.0 Ok: queued as")
+        await client.close()
+    await wait_until(lambda: before[0] not in workers.pids and len(workers.pids) == 2,
+                     message="the stopped worker was not replaced")
+    await mx_sink.wait_for_messages(6)
+    assert postroom.service.readiness.is_ready
+    message_id = await asyncio.to_thread(send, postroom.smtp_port)  # the new one serves
+    assert (await postroom.spool.get_message(message_id)) is not None
 
 
 def counters(text: str) -> dict[str, float]:
