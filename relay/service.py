@@ -1,8 +1,10 @@
-"""The service: everything Postroom runs, in one process and one asyncio loop.
+"""The service: everything Postroom runs, in one process and one asyncio loop — the SMTP
+sessions in worker processes beside it when `smtp.workers` asks for them (relay/workers.py).
 
 Owns start-up (the spool, the SMTP listeners made with `loop.create_server` — STARTTLS on
-`smtp.listen`, implicit TLS on `smtp.tls_listen`, one submission handler for all — uvicorn
-serving the API without its own signal handling, the delivery engine, the webhook dispatcher),
+`smtp.listen`, implicit TLS on `smtp.tls_listen`, one submission handler for all, or the bound
+sockets handed to the workers — uvicorn serving the API without its own signal handling, the
+delivery engine, the webhook dispatcher),
 supervision (every long-lived task is named and watched; one dying stops the service loudly),
 signals, readiness, systemd notifications (READY=1 once the spool is open and every listener
 bound, STOPPING=1, the watchdog), reloads (SIGHUP: relay/reload.py) and the shutdown order: stop

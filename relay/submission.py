@@ -190,7 +190,7 @@ class Door(Protocol):
     """What the SMTP sessions ask of the service: who may connect and AUTH, and the commit.
 
     In one process it is relay/frontdoor.py's `LocalDoor`, over the spool itself; in an SMTP
-    worker process (`smtp.workers`) it is relay/workers.py's `RemoteDoor`, which asks the service
+    worker process (`smtp.workers`) it is relay/worker.py's `RemoteDoor`, which asks the service
     process, so that session counts, AUTH lock-outs and idempotency stay one set for the whole
     server. `admit` may answer at once or with an awaitable.
     """
@@ -262,7 +262,7 @@ class SubmissionSMTP(SMTP):
     def __init__(self, handler: SubmissionHandler, admission: Admission, **options: Any) -> None:
         super().__init__(handler, **options)
         self.admission = admission
-        self._door = handler
+        self._handler = handler
         self._deadline: asyncio.TimerHandle | None = None
         self._is_counted = True
         self._held_lines: list[str] = []
@@ -278,7 +278,7 @@ class SubmissionSMTP(SMTP):
         super().connection_made(transport)
         if is_first:
             self._deadline = self.loop.call_later(
-                self._door.settings.smtp.session_timeout, self._end_session
+                self._handler.settings.smtp.session_timeout, self._end_session
             )
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -286,7 +286,7 @@ class SubmissionSMTP(SMTP):
             self._deadline.cancel()
         if self._is_counted:
             self._is_counted = False
-            self._door.door.release(self.admission.client)
+            self._handler.door.release(self.admission.client)
         super().connection_lost(error)
 
     def _end_session(self) -> None:
