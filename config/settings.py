@@ -208,6 +208,8 @@ class SmtpSettings(Section):
     #: SMTP worker processes (relay/workers.py); 0: the service process runs the sessions itself;
     #: "auto": one per core beyond the first (so none on one core), at most 8.
     workers: int | Literal["auto"] = "auto"
+    #: A worker whose loop does not answer the service for this long is killed and replaced.
+    worker_watchdog: Duration = Field(default=30.0, gt=0)
 
     @property
     def worker_count(self) -> int:

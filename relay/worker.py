@@ -147,6 +147,8 @@ async def run(fd: int) -> int:
         if op == "sign":  # DKIM signing for the delivery engine (relay/workers.py `sign`)
             keys, content = args
             return Signer(keys).sign(content)
+        if op == "ping":  # the service's watchdog: answered by this loop, so it is not stuck
+            return b"pong"
         if op == "drain":
             stop.set()
         elif op == "exit":

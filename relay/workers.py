@@ -189,7 +189,36 @@ class Workers:
     # -- supervision ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Start again a worker that died; raise `WorkerFailed` if they keep dying."""
+        """Start again a worker that died; raise `WorkerFailed` if they keep dying.
+
+        A worker whose loop stops answering for `smtp.worker_watchdog` is killed, and so
+        started again like one that died: its sessions were stuck with it.
+        """
+        watchdog = asyncio.create_task(self._watch(), name="smtp-worker-watchdog")
+        try:
+            await self._supervise()
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        limit = self.settings.smtp.worker_watchdog
+        while True:
+            await asyncio.sleep(limit / 3)
+            for worker in list(self._workers.values()):
+                if not worker.ready.is_set() or worker.channel.is_closed or self._is_stopping:
+                    continue
+                try:
+                    await asyncio.wait_for(worker.channel.call("ping"), limit)
+                except TimeoutError:
+                    logger.error("smtp worker %d (pid %d) did not answer for %gs: killed",
+                                 worker.index, worker.process.pid, limit)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
+                except ChannelClosed:
+                    pass  # it ended: `_supervise` sees to it
+
+    async def _supervise(self) -> None:
         while True:
             waits = {
                 asyncio.create_task(w.process.wait()): w for w in self._workers.values()

@@ -176,6 +176,27 @@ async def test_a_worker_stopped_by_sigterm_finishes_its_transaction_and_is_repla
     assert (await postroom.spool.get_message(message_id)) is not None
 
 
+async def test_a_stuck_worker_is_killed_and_replaced(
+    start: Callable[..., Any], mx_sink: MxSink, caplog: pytest.LogCaptureFixture
+):
+    postroom = await start_with_workers(
+        start, trusted_networks=["127.0.0.0/8"], worker_watchdog="0.6s"
+    )
+    workers = postroom.service.workers
+    assert workers is not None
+    stuck = workers.pids[0]
+    os.kill(stuck, signal.SIGSTOP)  # its loop answers nothing any more, as if it hung
+    try:
+        await wait_until(lambda: stuck not in workers.pids and len(workers.pids) == 2,
+                         timeout=10, message="the stuck worker was not replaced")
+    finally:
+        if alive(stuck):
+            os.kill(stuck, signal.SIGCONT)
+    assert f"(pid {stuck}) did not answer for 0.6s: killed" in caplog.text
+    message_id = await asyncio.to_thread(send, postroom.smtp_port)
+    assert (await postroom.spool.get_message(message_id)) is not None
+
+
 def counters(text: str) -> dict[str, float]:
     return {
         m["name"]: float(m["value"])
