@@ -180,12 +180,16 @@ class ServerSettings(Section):
 
 
 def auto_workers() -> int:
-    """`smtp.workers = "auto"`: one per core this process may run on beyond the first, up to 8."""
+    """`smtp.workers = "auto"`: one per core this process may run on beyond the first, up to 4.
+
+    Four, because each worker costs ~53 MiB and the service process, which commits and delivers
+    for all of them, is the limit well before that (bench/README.md: ~72% busy with one worker
+    on 2 cores)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return min(max(cores - 1, 0), 8)
+    return min(max(cores - 1, 0), 4)
 
 
 class SmtpSettings(Section):
@@ -206,7 +210,7 @@ class SmtpSettings(Section):
     auth_failure_delay: Duration = 1.0
     auth_lockout: Duration = 900.0
     #: SMTP worker processes (relay/workers.py); 0: the service process runs the sessions itself;
-    #: "auto": one per core beyond the first (so none on one core), at most 8.
+    #: "auto": one per core beyond the first (so none on one core), at most 4.
     workers: int | Literal["auto"] = "auto"
     #: A worker whose loop does not answer the service for this long is killed and replaced.
     worker_watchdog: Duration = Field(default=30.0, gt=0)

@@ -183,7 +183,7 @@ def test_example_config_documents_every_field_with_its_default():
 def test_smtp_workers_is_a_count_or_auto(value: object, expected: int | None):
     smtp = Settings(smtp={"workers": value}).smtp
     cores = len(os.sched_getaffinity(0))
-    assert smtp.worker_count == (min(max(cores - 1, 0), 8) if expected is None else expected)
+    assert smtp.worker_count == (min(max(cores - 1, 0), 4) if expected is None else expected)
 
 
 def test_bad_smtp_workers_is_named(tmp_path: Path):
