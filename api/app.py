@@ -31,7 +31,14 @@ from api import (
 )
 from api.ratelimit import RateLimitHeaders, RateLimits
 from api.recipient_domains import RecipientDomains, build_resolver
-from api.types import AppState, DomainTools, MetricsExporter, ReadinessProbe, WebhookGateway
+from api.types import (
+    AppState,
+    CpuPool,
+    DomainTools,
+    MetricsExporter,
+    ReadinessProbe,
+    WebhookGateway,
+)
 from config import Settings
 from store import Spool, StoreError
 
@@ -102,6 +109,7 @@ def create_app(
     gateway: WebhookGateway | None = None,
     metrics_exporter: MetricsExporter | None = None,
     domain_tools: DomainTools | None = None,
+    cpu_pool: CpuPool | None = None,
 ) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -137,6 +145,7 @@ def create_app(
         metrics=metrics_exporter,
         limits=RateLimits(settings.api.auth_failures_per_minute, time.monotonic),
         domain_tools=domain_tools,
+        cpu_pool=cpu_pool,
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(ShutdownGate, readiness=readiness)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -467,13 +467,64 @@ async def _read_batch(request: Request, state: AppState) -> list[Any]:
 # -- endpoints -------------------------------------------------------------------------------------
 
 
+Prepare = Callable[..., Item]  # `prepare` or `prepare_compat`
+
+#: Batches at least this long are shared between the CPU pool's processes and this one.
+_SHARED_BATCH = 200
+
+
+def prepare_all(
+    function: Prepare, bodies: list[object], principal: Principal, settings: Settings,
+    now: float, context: SendContext,
+) -> list[Item]:
+    """`function` over each body, in order: a batch, or one share of it."""
+    return [function(body, principal, settings, now, context=context) for body in bodies]
+
+
+async def prepare_one(
+    state: AppState, function: Prepare, body: object, principal: Principal, now: float,
+    header: str | None, context: SendContext,
+) -> Item:
+    """One request's item, validated and composed in the CPU pool when there is one."""
+    pool = state.cpu_pool
+    if pool is not None and pool.width:
+        return await pool.offload(function, body, principal, state.settings, now, header, context)
+    return function(body, principal, state.settings, now, header, context)
+
+
+async def prepare_batch(
+    state: AppState, function: Prepare, bodies: list[object], principal: Principal, now: float,
+    context: SendContext,
+) -> list[Item]:
+    """A batch's items, in order. Validation and composition are CPU work, kept off the event
+    loop: in a thread, and split with the CPU pool's processes when the batch is long."""
+    pool = state.cpu_pool
+    width = pool.width if pool is not None else 0
+    if pool is None or not width or len(bodies) < _SHARED_BATCH:
+        return await asyncio.to_thread(
+            prepare_all, function, bodies, principal, state.settings, now, context
+        )
+    size = -(-len(bodies) // (width + 1))  # one share for a thread here, one per process
+    shares = [bodies[i : i + size] for i in range(0, len(bodies), size)]
+    parts = await asyncio.gather(
+        asyncio.to_thread(
+            prepare_all, function, shares[0], principal, state.settings, now, context
+        ),
+        *(
+            pool.offload(prepare_all, function, share, principal, state.settings, now, context)
+            for share in shares[1:]
+        ),
+    )
+    return [item for part in parts for item in part]
+
+
 async def send_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     principal = await authenticate(request, state.spool, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
     context = await load_context(state.spool, [body])
-    item = prepare(body, principal, state.settings, time.time(), header, context)
+    item = await prepare_one(state, prepare, body, principal, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result)
 
@@ -482,12 +533,8 @@ async def send_batch(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     principal = await authenticate(request, state.spool, Scope.SEND)
     bodies = await _read_batch(request, state)
-    now = time.time()
     context = await load_context(state.spool, bodies)
-    # Validation and composition are CPU work: keep the event loop free for other clients.
-    items = await asyncio.to_thread(
-        lambda: [prepare(b, principal, state.settings, now, context=context) for b in bodies]
-    )
+    items = await prepare_batch(state, prepare, bodies, principal, time.time(), context)
     return _batch(await send_items(state, principal, items), items)
 
 
@@ -497,7 +544,7 @@ async def send_compat(request: Request) -> JSONResponse:
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
     context = await load_context(state.spool, [body])
-    item = prepare_compat(body, principal, state.settings, time.time(), header, context)
+    item = await prepare_one(state, prepare_compat, body, principal, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result, {"idempotency_key": item.compat_key} if item.compat_key else None)
 
@@ -506,13 +553,8 @@ async def send_compat_batch(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     principal = await authenticate(request, state.spool, Scope.SEND)
     bodies = await _read_batch(request, state)
-    now = time.time()
     context = await load_context(state.spool, bodies)
-    items = await asyncio.to_thread(
-        lambda: [
-            prepare_compat(b, principal, state.settings, now, context=context) for b in bodies
-        ]
-    )
+    items = await prepare_batch(state, prepare_compat, bodies, principal, time.time(), context)
     return _batch(await send_items(state, principal, items), items)
 
 

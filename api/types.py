@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from api.ratelimit import RateLimits
 from api.recipient_domains import RecipientDomains
@@ -36,6 +37,26 @@ class MetricsExporter(Protocol):
     async def render(self) -> bytes: ...
 
 
+T = TypeVar("T")
+
+
+class CpuPool(Protocol):
+    """Other processes that run CPU work for the API (the SMTP workers); the service provides it.
+
+    The send routes hand it the validation and composition of their messages, so that the
+    service's loop, which every other request and the spool's commits wait on, is spared them.
+    """
+
+    @property
+    def width(self) -> int:
+        """How many processes can take work now (0: none; the work stays here)."""
+        ...
+
+    async def offload(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in one of them: a module-level function, sent by reference."""
+        ...
+
+
 class DomainTools(Protocol):
     """What the domain routes need beyond the spool (keys, records, DNS); the service provides
     it."""
@@ -60,3 +81,5 @@ class AppState:
     limits: RateLimits | None = None
     #: None: the domain routes that make keys or look records up answer 503.
     domain_tools: DomainTools | None = None
+    #: None: every message is validated and composed in this process.
+    cpu_pool: CpuPool | None = None

@@ -7,7 +7,8 @@ the channel closes. Pickle is safe here because both ends are Postroom itself: t
 created by the service and inherited by the worker it spawns, and no other process can reach it.
 
 A call whose channel closes before the answer raises `ChannelClosed`; a call the other side
-failed raises `RemoteError` with the failure's class name and text.
+failed raises the same exception here (it is pickled too), or `RemoteError` with its class name
+and text when it cannot be.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class Channel:
                     if future is not None and not future.done():
                         if kind == _ANSWER:
                             future.set_result(payload)
+                        elif isinstance(payload, BaseException):
+                            future.set_exception(payload)
                         else:
                             future.set_exception(RemoteError(*payload))
                     continue
@@ -153,7 +156,10 @@ class Channel:
                 logger.error("handling a note from the other process failed", exc_info=exc)
             return
         if exc is not None:
-            self._send((_FAILURE, ident, "", (type(exc).__name__, str(exc))))
+            try:
+                self._send((_FAILURE, ident, "", exc))
+            except (pickle.PicklingError, TypeError, AttributeError):
+                self._send((_FAILURE, ident, "", (type(exc).__name__, str(exc))))
         else:
             self._send((_ANSWER, ident, "", result))
 

@@ -200,7 +200,7 @@ class Service:
 
             app = create_app(
                 spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
-                domain_tools=Domains(settings),
+                domain_tools=Domains(settings), cpu_pool=self.workers,
             )
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(

@@ -7,8 +7,9 @@ of them. A worker runs the same sessions as the service would (relay/submission.
 relay/sessions.py); what they share with the rest of the server it asks the service, through
 `RemoteDoor`: admission, key lookups, AUTH lock-outs, and the commit, whose answer is the reply
 to DATA — so `250` still follows the spool's commit, made by the one process that writes. The
-other way, the service asks a worker to DKIM-sign a message about to be delivered: CPU work the
-service's loop is spared.
+other way, the service hands a worker CPU work its loop is spared: DKIM signatures, and the
+validation and composition of API messages (`call`: a function of ours, by reference, and its
+arguments).
 
 It stops, finishing the transactions in flight, on the service's `drain`, on SIGTERM or SIGINT
 (systemd signals the whole unit); it stops at once if the service is gone, because nothing can
@@ -31,7 +32,6 @@ from typing import Any
 
 from config import Settings
 from relay import logs
-from relay.dkim import Signer
 from relay.ipc import Channel, ChannelClosed, RemoteError
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
@@ -143,10 +143,10 @@ async def run(fd: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def handle(op: str, args: tuple[Any, ...]) -> bytes | None:
-        if op == "sign":  # DKIM signing for the delivery engine (relay/workers.py `sign`)
-            keys, content = args
-            return Signer(keys).sign(content)
+    def handle(op: str, args: tuple[Any, ...]) -> object:
+        if op == "call":  # CPU work the service hands over (relay/workers.py `offload`)
+            function, function_args = args
+            return function(*function_args)
         if op == "ping":  # the service's watchdog: answered by this loop, so it is not stuck
             return b"pong"
         if op == "drain":

@@ -3,8 +3,9 @@
 With `smtp.workers = N`, the service opens the SMTP listening sockets itself but accepts on none
 of them: it starts N worker processes (relay/worker.py) that inherit the sockets and run the SMTP
 sessions, so that the protocol work of many clients is spread over the machine's cores while one
-process keeps the spool's writer, the delivery engine, the API and the webhooks. The engine
-hands DKIM signing to the workers too (`sign`): the service's loop is left the rest.
+process keeps the spool's writer, the delivery engine, the API and the webhooks. The service
+hands the workers CPU work too (`offload`): DKIM signing for the engine, and the validation and
+composition of API messages, so its loop is left the rest.
 
 Owns starting the workers (each gets its end of a socketpair, the sockets and the settings, and
 says when it listens), answering them (every call goes to the service's one `LocalDoor`, so that
@@ -28,16 +29,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from config import Settings
-from relay.dkim import DkimError, sign_here
+from relay.dkim import sign_here, sign_message
 from relay.frontdoor import LocalDoor
-from relay.ipc import Channel, ChannelClosed, RemoteError
+from relay.ipc import Channel, ChannelClosed
 from relay.metrics import Metrics
 from store import DomainKeys
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: A worker that must be started again this many times within `_RESTART_WINDOW` seconds stops the
 #: service instead: something is wrong that another start will not fix.
@@ -61,8 +64,8 @@ class _Worker:
     #: must forget if the worker dies without releasing them.
     open: collections.Counter[str] = field(default_factory=collections.Counter)
     served: asyncio.Task[None] | None = None
-    #: DKIM signatures asked of this worker and not answered yet
-    signing: int = 0
+    #: Work handed to this worker (`offload`) and not answered yet
+    busy: int = 0
     has_ended: bool = False
 
 
@@ -263,26 +266,36 @@ class Workers:
                 await worker.served
         self._forget(worker)
 
-    async def sign(self, keys: DomainKeys, content: bytes) -> bytes:
-        """DKIM-sign `content` in a worker (the one with the fewest signatures in hand), or here
-        if none is running; a worker's `DkimError` is raised as one."""
-        live = [w for w in self._workers.values() if w.ready.is_set() and not w.channel.is_closed]
+    def _live(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.ready.is_set() and not w.channel.is_closed]
+
+    @property
+    def width(self) -> int:
+        """Workers that can take work now."""
+        return len(self._live())
+
+    async def offload(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the worker with the least work in hand, or in a thread here if
+        none is running or the one chosen dies meanwhile. `function` must be a module-level
+        function of ours (it travels by reference); what it raises is raised here."""
+        live = self._live()
         if not live:
-            return await sign_here(keys, content)
-        worker = min(live, key=lambda w: w.signing)
-        worker.signing += 1
+            return await asyncio.to_thread(function, *args)
+        worker = min(live, key=lambda w: w.busy)
+        worker.busy += 1
         try:
-            signed = await worker.channel.call("sign", keys, content)
-        except ChannelClosed:  # the worker died meanwhile: signed here instead
-            return await sign_here(keys, content)
-        except RemoteError as exc:
-            if exc.kind == "DkimError":
-                raise DkimError(str(exc).removeprefix("DkimError: ")) from None
-            raise
+            result: T = await worker.channel.call("call", function, args)
+        except ChannelClosed:
+            return await asyncio.to_thread(function, *args)
         finally:
-            worker.signing -= 1
-        assert isinstance(signed, bytes)
-        return signed
+            worker.busy -= 1
+        return result
+
+    async def sign(self, keys: DomainKeys, content: bytes) -> bytes:
+        """DKIM-sign `content` in a worker; in this process if none is running."""
+        if not self.width:
+            return await sign_here(keys, content)
+        return await self.offload(sign_message, keys, content)
 
     def reconfigure(self, settings: Settings, tls: tuple[Path, Path] | None) -> None:
         """After a reload: each worker takes the log settings and the certificate anew."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import Running
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import MxSink
 
 SEND = {
@@ -11,6 +11,9 @@ SEND = {
     "subject": "Reminder",
     "text": "Reset your password.\n",
 }
+
+# With workers, the messages are validated and composed in them (api/messages.py `prepare_one`).
+pytestmark = WITH_AND_WITHOUT_WORKERS
 
 
 async def test_batch_all_accepted_is_200_in_order(postroom: Running, mx_sink: MxSink):
@@ -51,6 +54,27 @@ async def test_batch_with_refusals_is_207_and_keeps_order(postroom: Running):
     assert data[1]["details"][0]["field"] == "to[1]"
     assert data[3]["details"][0]["field"] == "to[0]"
     assert len(await postroom.spool.list_messages()) == 2
+
+
+async def test_a_long_batch_keeps_each_refusal_in_its_place(postroom: Running):
+    # Long enough to be split into shares (with workers, composed in them): each refusal,
+    # with its details, comes back at its own index.
+    key = await postroom.new_key()
+    items: list[object] = [{**SEND, "subject": f"#{i}"} for i in range(260)]
+    items[10] = {**SEND, "to": ["a@example.test", "broken"]}
+    items[250] = {**SEND, "to": ["b@example.test", "c@example.test", "also broken"]}
+    async with postroom.http(key) as http:
+        response = await http.post("/v1/messages/batch", json=items)
+    assert response.status_code == 207
+    data = response.json()["data"]
+    refused = {i: e for i, e in enumerate(data) if "error" in e}
+    assert sorted(refused) == [10, 250]
+    assert refused[10]["details"][0]["field"] == "to[1]"
+    assert refused[250]["details"][0]["field"] == "to[2]"
+    messages = {m.id: m.subject for m in await postroom.spool.list_messages(limit=1000)}
+    assert [messages[e["id"]] for e in data if "id" in e] == [
+        f"#{i}" for i in range(260) if i not in (10, 250)
+    ]
 
 
 async def test_batch_per_item_idempotency_keys(postroom: Running):

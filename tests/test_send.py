@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from email.policy import default as default_policy
 
 from store import Scope
-from tests.conftest import Running
+from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import DnsServer, MxSink, wait_until
 
 SEND = {
@@ -20,6 +20,9 @@ SEND = {
     "text": "Your code is 1234.\n",
 }
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+
+# With workers, the messages are validated and composed in them (api/messages.py `prepare_one`).
+pytestmark = WITH_AND_WITHOUT_WORKERS
 
 
 def parse(data: bytes) -> EmailMessage:
