@@ -232,6 +232,12 @@ for name in $(compgen -e | grep '^POSTROOM_' || true); do PR_ENV+=(-u "$name"); 
     >"$WORK/postroom.log" 2>&1 </dev/null &
 POSTROOM_PID=$!
 wait_port "$PR_PORT" "Postroom"
+# The port listens before the SMTP workers do: wait for the line that says all of it is ready.
+for _ in $(seq 600); do
+    grep -q "postroom ready" "$WORK/postroom.log" && break
+    sleep 0.1
+done
+grep -q "postroom ready" "$WORK/postroom.log" || die "Postroom did not get ready within 60 s"
 
 # -- the runs ----------------------------------------------------------------------------------
 now() { date +%s.%N; }
@@ -270,7 +276,8 @@ run_one() {  # run_one NAME PORT SINKFILE
 }
 
 echo "vs_postfix: $MESSAGES messages x $ROUNDS round(s); smtp-source: $SESSIONS sessions," \
-     "$SIZE B, 1 recipient, a new connection per message"
+     "$SIZE B, 1 recipient, a new connection per message; Postroom smtp.workers = $WORKERS" \
+     "($(grep -o 'smtp_workers=[0-9,-]*' "$WORK/postroom.log" | head -1))"
 echo "machine: $(nproc) CPUs, $(postconf -d mail_version 2>/dev/null | cut -d' ' -f3- | \
      sed 's/^/Postfix /'), Postroom $("$POSTROOM" --version 2>/dev/null | awk '{print $NF}'), \
 load average $(cut -d' ' -f1-3 /proc/loadavg)"
