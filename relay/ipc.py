@@ -46,6 +46,20 @@ class RemoteError(RuntimeError):
         self.kind = kind
 
 
+def _failure(inner: tuple[str, Any]) -> BaseException:
+    """The exception a failure frame carries: itself if it unpickles, else a RemoteError."""
+    form, data = inner
+    if form == "pickled":
+        try:
+            exc = pickle.loads(data)  # noqa: S301 (our own peer)
+        except Exception as broken:  # noqa: BLE001
+            return RemoteError(type(broken).__name__, f"cannot rebuild the exception: {broken}")
+        if isinstance(exc, BaseException):
+            return exc
+    kind, text = data if form == "named" else ("RemoteError", repr(data))
+    return RemoteError(str(kind), str(text))
+
+
 class Channel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -114,10 +128,8 @@ class Channel:
                     if future is not None and not future.done():
                         if kind == _ANSWER:
                             future.set_result(payload)
-                        elif isinstance(payload, BaseException):
-                            future.set_exception(payload)
                         else:
-                            future.set_exception(RemoteError(*payload))
+                            future.set_exception(_failure(payload))
                     continue
                 self._dispatch(handle, kind, ident, op, payload)
         finally:
@@ -155,13 +167,20 @@ class Channel:
             if exc is not None and kind == _NOTE:
                 logger.error("handling a note from the other process failed", exc_info=exc)
             return
-        if exc is not None:
+        if exc is None:
             try:
-                self._send((_FAILURE, ident, "", exc))
-            except (pickle.PicklingError, TypeError, AttributeError):
-                self._send((_FAILURE, ident, "", (type(exc).__name__, str(exc))))
-        else:
-            self._send((_ANSWER, ident, "", result))
+                self._send((_ANSWER, ident, "", result))
+                return
+            except Exception as unsendable:  # an answer that does not pickle: the call fails
+                logger.error("an answer cannot be sent back", exc_info=unsendable)
+                exc = unsendable
+        # The exception travels pickled inside the frame, so that one the caller cannot
+        # rebuild fails that call alone (as RemoteError), not the whole channel.
+        try:
+            inner: tuple[str, Any] = ("pickled", pickle.dumps(exc, pickle.HIGHEST_PROTOCOL))
+        except Exception:  # noqa: BLE001 (its class name and text will do)
+            inner = ("named", (type(exc).__name__, str(exc)))
+        self._send((_FAILURE, ident, "", inner))
 
     def close(self) -> None:
         """Close the channel: calls still waiting raise `ChannelClosed`."""
