@@ -10,10 +10,11 @@ composition of API messages, so its loop is left the rest.
 Owns starting the workers (each gets its end of a socketpair, the sockets and the settings, and
 says when it listens), answering them (every call goes to the service's one `LocalDoor`, so that
 session counts, AUTH lock-outs and idempotency are the server's, and `commit` answers DATA only
-after the spool committed), supervision (a worker that dies is started again and what it had
-counted is released; one that keeps dying stops the service), reloads (the new settings are sent
-to each) and the drain at shutdown: each worker finishes its transactions, which the service
-still commits, before the service goes on to close the spool.
+after the spool committed), supervision (a worker that dies, or hangs past
+`smtp.worker_watchdog` and is killed, is started again and what it had counted is released; one
+that keeps dying stops the service), reloads (the new settings are sent to each) and the drain
+at shutdown: each worker finishes its transactions, which the service still commits, before the
+service goes on to close the spool.
 """
 
 from __future__ import annotations
