@@ -12,6 +12,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import os
 import re
 import socket
@@ -179,16 +180,35 @@ class ServerSettings(Section):
     shutdown_timeout: Duration = 30.0
 
 
-def auto_workers() -> int:
+#: cgroup v2's CPU quota of this process's group (a container's `--cpus`, systemd's CPUQuota=).
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_quota(path: Path = CPU_MAX) -> float | None:
+    """The CPUs the cgroup quota allows (`quota period`, e.g. `150000 100000` → 1.5); None
+    without a quota (`max …`) or without cgroup v2."""
+    try:
+        quota, period = path.read_text(encoding="ascii").split()[:2]
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def auto_workers(quota: float | None = None) -> int:
     """`smtp.workers = "auto"`: one per core this process may run on beyond the first, up to 4.
 
-    Four, because each worker costs ~53 MiB and the service process, which commits and delivers
-    for all of them, is the limit well before that (bench/README.md: ~72% busy with one worker
-    on 2 cores)."""
+    The cores are those of its CPU affinity, fewer if a cgroup quota allows fewer (a container
+    limited to one CPU sees all the host's cores, and would otherwise start workers it cannot
+    run). Four, because each worker costs ~53 MiB and the service process, which commits and
+    delivers for all of them, is the limit well before that (bench/README.md: ~72% busy with one
+    worker on 2 cores)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
+    allowed = cpu_quota() if quota is None else quota
+    if allowed is not None:
+        cores = min(cores, max(1, math.ceil(allowed)))
     return min(max(cores - 1, 0), 4)
 
 

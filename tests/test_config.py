@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from config import EXAMPLE_CONFIG, ConfigError, Settings, load_settings, parse_duration, parse_size
+from config.settings import auto_workers, cpu_quota
 
 
 @pytest.mark.parametrize(
@@ -195,3 +196,20 @@ def test_bad_smtp_workers_is_named(tmp_path: Path):
     config.write_text("[smtp]\nworkers = -1\n")
     with pytest.raises(ConfigError, match=r"smtp\.workers"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(("text", "cpus"), [
+    ("150000 100000\n", 1.5), ("100000 100000", 1.0), ("max 100000\n", None), ("", None),
+])
+def test_a_cgroup_cpu_quota_is_read(tmp_path: Path, text: str, cpus: float | None):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(text)
+    assert cpu_quota(cpu_max) == cpus
+    assert cpu_quota(tmp_path / "absent") is None
+
+
+def test_auto_workers_follow_a_cpu_quota_below_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert auto_workers(quota=1.0) == 0  # a container limited to one CPU: no workers
+    assert auto_workers(quota=1.5) == min(max(min(cores, 2) - 1, 0), 4)
+    assert auto_workers(quota=64.0) == min(max(cores - 1, 0), 4)
