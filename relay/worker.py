@@ -32,7 +32,7 @@ from typing import Any
 
 from config import Settings
 from relay import logs
-from relay.ipc import Channel, ChannelClosed, RemoteError
+from relay.ipc import Channel, ChannelClosed
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.throttle import AuthVerdict
@@ -48,14 +48,11 @@ class RemoteDoor:
         self._channel = channel
 
     async def _call(self, op: str, *args: Any) -> Any:
+        # The service's own exceptions (SpoolClosed among them) are raised here as themselves.
         try:
             return await self._channel.call(op, *args)
         except ChannelClosed:
             raise SpoolClosed("the service process is gone") from None
-        except RemoteError as exc:
-            if exc.kind == "SpoolClosed":
-                raise SpoolClosed(str(exc)) from None
-            raise
 
     def admit(self, host: str) -> Awaitable[Admission]:
         return self._call("admit", host)
