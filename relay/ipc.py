@@ -20,7 +20,7 @@ import logging
 import pickle
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,17 @@ MAX_FRAME = 1 << 31
 _CALL, _ANSWER, _FAILURE, _NOTE = range(4)
 
 Handler = Callable[[str, tuple[Any, ...]], Any]
+
+
+class Known(NamedTuple):
+    """Stands in a frame for an object the other side was sent once and keeps, by `token`.
+
+    Each worker is sent the settings the service started with, once, at its start; a call
+    that passes them (every API send does) sends this instead: pickling them was ~85% of the
+    cost of an API send's frame.
+    """
+
+    token: int
 
 
 class ChannelClosed(ConnectionError):

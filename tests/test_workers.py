@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Running, postroom_cli, settings_data, spawn_postroom, write_config
+from config import load_settings
+from tests.conftest import (
+    Running,
+    postroom_cli,
+    settings_data,
+    spawn_postroom,
+    start_postroom,
+    write_config,
+)
 from tests.support import DnsServer, MxSink, RawSmtp, wait_until
 
 MESSAGE = b"From: cron@acme.test\r\nTo: user@example.test\r\nSubject: via a worker\r\n\r\nhi\r\n"
@@ -245,3 +253,47 @@ async def test_workers_leave_when_the_service_is_killed(
                          timeout=30, message=f"{acknowledged} was lost")
     finally:
         assert await asyncio.to_thread(proc.terminate) == 0
+
+
+async def test_api_sends_composed_in_workers_survive_reloads_and_restarts(
+    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert
+):
+    """Each worker holds the settings the service started with, and an API send names them by
+    token (relay/ipc.py `Known`) instead of carrying them: after reloads, and in a worker
+    started after one, the token must still resolve, or every API send would fail."""
+    data = settings_data(tmp_path, dns, mx_sink.port, server_cert)
+    data["smtp"]["workers"] = 1
+    config = write_config(tmp_path / "postroom.toml", data)
+    postroom = await start_postroom(load_settings(config))
+    try:
+        workers = postroom.service.workers
+        assert workers is not None
+        key = await postroom.new_key()
+        sent = 0
+
+        async def send_via_api() -> None:
+            nonlocal sent
+            async with postroom.http(key) as http:
+                response = await http.post("/v1/messages", json={
+                    "from": "app@acme.test", "to": f"user{sent}@example.test",
+                    "subject": "composed in a worker", "text": "hi",
+                })
+            assert response.status_code == 202, response.text
+            sent += 1
+
+        await send_via_api()
+        for timeout in (7, 8):
+            data["server"]["shutdown_timeout"] = timeout
+            write_config(config, data)
+            assert await postroom.service.reload()
+            await send_via_api()
+        [pid] = workers.pids
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: workers.pids and workers.pids != [pid] and workers.width == 1,
+                         message="the worker was not started again")
+        await send_via_api()
+        received = await mx_sink.wait_for_messages(sent)
+        assert sorted(m.rcpt_tos[0] for m in received) == [f"user{i}@example.test"
+                                                          for i in range(sent)]
+    finally:
+        await postroom.stop()
