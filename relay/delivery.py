@@ -93,10 +93,12 @@ class DeliveryEngine:
         )
         self._keys = KeyRing(spool.domain_keys, ttl=cfg.key_cache_ttl)
         self._sign_with = sign_with
+        self._default_limits = _limits(settings, "")
+        self._overridden_limits = {d: _limits(settings, d) for d in cfg.destinations}
         self._pacer = Pacer(
-            limits=lambda d: _limits(self._settings, d),
-            default=_limits(settings, ""),
-            overridden={d: _limits(settings, d) for d in cfg.destinations},
+            limits=self._limits_of,
+            default=self._default_limits,
+            overridden=self._overridden_limits,
             backoff=cfg.destination_backoff,
             backoff_cap=min([cfg.destination_backoff, *cfg.retry_schedule]),
         )
@@ -195,12 +197,20 @@ class DeliveryEngine:
         what they started with, the next claim and the next attempt use the new ones."""
         cfg = settings.delivery
         self._settings = settings
+        self._default_limits = _limits(settings, "")
+        self._overridden_limits = {d: _limits(settings, d) for d in cfg.destinations}
         self._pacer.reconfigure(
-            default=_limits(settings, ""),
-            overridden={d: _limits(settings, d) for d in cfg.destinations},
+            default=self._default_limits,
+            overridden=self._overridden_limits,
             backoff=cfg.destination_backoff,
             backoff_cap=min([cfg.destination_backoff, *cfg.retry_schedule]),
         )
+
+    def _limits_of(self, key: str) -> Limits:
+        """A pacing destination's limits, as `_limits` gives them, from the values computed at
+        start and at each reload rather than a settings model built per claim."""
+        name = key.rpartition(":")[0] if ":" in key else key
+        return self._overridden_limits.get(name, self._default_limits)
 
     async def _wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
         await first_of(
