@@ -5,7 +5,9 @@ each, spread round-robin over D domains (default 100: d000.bench.test ...), stra
 spool through intake (bench/_prequeue.py), before `postroom serve` starts. Each domain has a
 smarthost route to one of K local sinks (default 4; bench/_sink.py, a minimal SMTP sink in this
 process's own thread), so delivery runs the engine, pacing, connection reuse, DKIM and the
-recording of outcomes, but no DNS. Then it starts Postroom and waits until the sinks have all N.
+recording of outcomes, but no DNS. Each sink, one smarthost destination to pacing, may have its
+share of the 100 connections the D domains would have in all (`[delivery.destinations]`).
+Then it starts Postroom and waits until the sinks have all N.
 
 Prints, for DKIM off and for DKIM on (`postroom domains add acme.test`: RSA-2048, relaxed/
 relaxed, as configured for real), the drain rate — messages / time from the first to the last
@@ -57,7 +59,13 @@ def config(args: argparse.Namespace, ports: list[int]) -> str:
         f'port = {ports[i % len(ports)]}\ntls = "opportunistic"\n'
         for i in range(args.domains)
     )
-    return _postroom.CONFIG + routes  # the delivery settings otherwise at their defaults
+    # D real domains would each get `max_connections_per_destination` (10) connections, up to
+    # `delivery.max_connections` (100) in all; the K sinks that stand in for them are K
+    # smarthost destinations to pacing, so each gets its share of those 100 (25 with 4 sinks).
+    per_sink = -(-min(100, 10 * args.domains) // len(ports))
+    return _postroom.CONFIG + routes + (
+        f'\n[delivery.destinations."127.0.0.1"]\nmax_connections = {per_sink}\n'
+    )
 
 
 def domain(i: int) -> str:
