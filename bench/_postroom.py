@@ -36,10 +36,15 @@ from typing import IO, Any
 _WORKERS = os.environ.get("SMTP_WORKERS", "auto")
 _WORKERS_TOML = _WORKERS if _WORKERS.isdigit() else json.dumps(_WORKERS)
 
+#: `server.event_loop` of the private Postroom: the environment's EVENT_LOOP ("auto", the
+#: default, "uvloop" or "asyncio") — `EVENT_LOOP=asyncio` measures Python's own loop.
+_EVENT_LOOP = os.environ.get("EVENT_LOOP", "auto")
+
 CONFIG = f"""\
 [server]
 data_dir = "data"
 hostname = "bench.test"
+event_loop = {json.dumps(_EVENT_LOOP)}
 
 [smtp]
 listen = ["127.0.0.1:0"]

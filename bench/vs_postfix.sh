@@ -24,6 +24,7 @@
 #   bench/vs_postfix.sh 20000 3         # full size: 20,000 messages, 3 rounds
 #   POSTROOM=/path/to/postroom bench/vs_postfix.sh
 #   SMTP_WORKERS=0 bench/vs_postfix.sh  # Postroom's smtp.workers (default "auto")
+#   EVENT_LOOP=asyncio bench/vs_postfix.sh  # Postroom's server.event_loop (default "auto")
 # Postfix is installed from the distribution's packages when missing (Debian/Ubuntu: apt-get,
 # with "No configuration" preseeded, so nothing of it starts or gets configured).
 
@@ -32,6 +33,7 @@ set -euo pipefail
 MESSAGES=${1:-2000}
 ROUNDS=${2:-1}
 WORKERS=${SMTP_WORKERS:-auto}
+EVENT_LOOP=${EVENT_LOOP:-auto}
 [[ $WORKERS =~ ^[0-9]+$ ]] || WORKERS="\"$WORKERS\""  # a TOML string: "auto"
 SESSIONS=20
 SIZE=3000
@@ -202,6 +204,7 @@ cat >"$WORK/postroom/postroom.toml" <<EOF
 [server]
 data_dir = "$WORK/postroom/data"
 hostname = "postroom-bench.test"
+event_loop = "$EVENT_LOOP"
 
 [smtp]
 listen = ["127.0.0.1:$PR_PORT"]
@@ -277,7 +280,7 @@ run_one() {  # run_one NAME PORT SINKFILE
 
 echo "vs_postfix: $MESSAGES messages x $ROUNDS round(s); smtp-source: $SESSIONS sessions," \
      "$SIZE B, 1 recipient, a new connection per message; Postroom smtp.workers = $WORKERS" \
-     "($(grep -o 'smtp_workers=[0-9,-]*' "$WORK/postroom.log" | head -1))"
+     "($(grep -o 'loop=[a-z]* smtp_workers=[0-9,-]*' "$WORK/postroom.log" | head -1))"
 echo "machine: $(nproc) CPUs, $(postconf -d mail_version 2>/dev/null | cut -d' ' -f3- | \
      sed 's/^/Postfix /'), Postroom $("$POSTROOM" --version 2>/dev/null | awk '{print $NF}'), \
 load average $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -178,6 +178,9 @@ class ServerSettings(Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout: Duration = 30.0
+    #: The service's and the SMTP workers' event loop (relay/eventloop.py): "auto" is uvloop when
+    #: it is installed, else asyncio's.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 #: cgroup v2's CPU quota of this process's group (a container's `--cpus`, systemd's CPUQuota=).

@@ -33,7 +33,7 @@ from cryptography import x509
 
 from api import create_app, create_public_app
 from config import ConfigError, Settings, load_settings, parse_address
-from relay import egress, logs
+from relay import egress, eventloop, logs
 from relay.delivery import DeliveryEngine
 from relay.dkim import sign_here
 from relay.domains import Domains
@@ -50,6 +50,9 @@ from relay.workers import WorkerFailed, Workers
 from store import Spool, StoreError
 
 logger = logging.getLogger(__name__)
+
+#: listen(2)'s backlog for the SMTP sockets the workers share: asyncio's own default.
+LISTEN_BACKLOG = 100
 
 
 class StartupError(RuntimeError):
@@ -136,6 +139,8 @@ class Service:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tls: ssl.SSLContext | None = None
     _background: set[asyncio.Task[bool]] = field(default_factory=set)
+    #: The listening SMTP sockets the workers accept on (the service never does).
+    _worker_sockets: list[socket.socket] = field(default_factory=list)
 
     def stop(self) -> None:
         """Ask the service to shut down (signal handlers and tests call this)."""
@@ -188,7 +193,7 @@ class Service:
             if settings.smtp.worker_count:
                 # SMTP worker processes (relay/workers.py) accept on these; this process never
                 # does, so its loop is left to the spool, delivery, the API and webhooks.
-                listeners = await self._open_for_workers(smtp_servers)
+                listeners = await self._open_for_workers()
                 workers = self.workers = Workers(settings, door, metrics)
                 try:
                     await workers.start(listeners, tls_paths(settings) if tls else None)
@@ -259,8 +264,10 @@ class Service:
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
             smtps = " ".join(f"{h}:{p}" for h, p in self.smtps_addresses) or "-"
             pids = ",".join(map(str, self.workers.pids)) if self.workers else "-"
-            logger.info("postroom ready: smtp=%s smtps=%s api=%s:%s smtp_workers=%s", smtp, smtps,
-                        *self.api_address, pids)
+            logger.info(
+                "postroom ready: smtp=%s smtps=%s api=%s:%s loop=%s smtp_workers=%s", smtp, smtps,
+                *self.api_address, eventloop.name_of(asyncio.get_running_loop()), pids,
+            )
             self.notifier.ready(
                 f"serving: smtp {smtp}, smtps {smtps}, api {api_host}:{self.api_address[1]}"
             )
@@ -315,12 +322,13 @@ class Service:
             servers.append(server)
             self.smtps_addresses.append(server.sockets[0].getsockname()[:2])
 
-    async def _open_for_workers(self, servers: list[asyncio.Server]) -> list[tuple[int, bool]]:
+    async def _open_for_workers(self) -> list[tuple[int, bool]]:
         """Bind and listen on every SMTP address without accepting: the workers will.
 
-        Each socket's descriptor, with whether it is implicit TLS (the workers wrap it).
+        Each socket's descriptor, with whether it is implicit TLS (the workers wrap it). The
+        sockets are plain ones, not an event loop's server: uvloop's listens only once it
+        serves, and only the workers accept.
         """
-        loop = asyncio.get_running_loop()
         listeners: list[tuple[int, bool]] = []
         for setting, addresses, is_implicit_tls, bound in (
             ("smtp.listen", self.settings.smtp.listen, False, self.smtp_addresses),
@@ -328,12 +336,13 @@ class Service:
         ):
             for listen in addresses:
                 host, port = parse_address(listen)
-                server = await _listen(setting, listen, loop.create_server(
-                    asyncio.Protocol, host, port, start_serving=False
-                ))
-                servers.append(server)
-                bound.append(server.sockets[0].getsockname()[:2])
-                listeners.extend((sock.fileno(), is_implicit_tls) for sock in server.sockets)
+                try:
+                    sockets = await _bind(host, port)
+                except OSError as exc:
+                    raise StartupError(f"{setting} {listen}: {_os_reason(exc)}") from None
+                self._worker_sockets.extend(sockets)
+                bound.append(sockets[0].getsockname()[:2])
+                listeners.extend((sock.fileno(), is_implicit_tls) for sock in sockets)
         return listeners
 
     async def _start_public(self, tasks: dict[str, asyncio.Task[None]]) -> _Server:
@@ -383,8 +392,8 @@ class Service:
         if self.workers is not None:
 
             def let_go() -> None:
-                for server in smtp_servers:
-                    server.close()
+                for sock in self._worker_sockets:
+                    sock.close()
 
             drains.append(self.workers.stop(timeout, let_go))
         if engine is not None:
@@ -393,6 +402,8 @@ class Service:
         await asyncio.gather(*drains)
         for server in smtp_servers:
             server.close()
+        for sock in self._worker_sockets:
+            sock.close()
         if api_server is not None:
             remaining = max(1, math.ceil(deadline - loop.time()))
             api_server.config.timeout_graceful_shutdown = remaining
@@ -521,6 +532,29 @@ def _nothing() -> None:
 def _os_reason(exc: OSError) -> str:
     """The errno's own words (`address already in use`), not asyncio's longer sentence."""
     return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+async def _bind(host: str | None, port: int) -> list[socket.socket]:
+    """Listening TCP sockets on host:port, one per address it resolves to, bound as asyncio's
+    `create_server` binds them (SO_REUSEADDR; an IPv6 socket IPv6 only)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def _listen(setting: str, listen: str, starting: Awaitable[asyncio.Server]) -> asyncio.Server:

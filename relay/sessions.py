@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, cast
 
 from relay.submission import Admission, SubmissionHandler, SubmissionSMTP
 from store import Principal
@@ -175,8 +175,9 @@ class TrackedSMTP(SubmissionSMTP):
 
     def close_for_shutdown(self) -> None:
         self._is_draining = True
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        # uvloop's transports are no subclasses of asyncio's classes: cast, never isinstance
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(SHUTTING_DOWN)
             transport.close()
 
@@ -185,9 +186,9 @@ class _Refusal(asyncio.Protocol):
     """What a new connection gets while the service drains: 421, then the end."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(SHUTTING_DOWN)
-        transport.close()
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(SHUTTING_DOWN)
+        writer.close()
 
 
 def _peer(peer: object) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
@@ -299,10 +299,10 @@ class SubmissionSMTP(SMTP):
         self._close_with(b"421 4.4.2 Idle timeout exceeded, closing\r\n")
 
     def _close_with(self, reply: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(reply)
-            self.transport.close()
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(reply)
+            transport.close()
 
     async def push(self, status: AnyStr) -> None:
         if not isinstance(status, str):
@@ -379,7 +379,7 @@ class _Gate(asyncio.Protocol):
         self._pending: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
         self._transport = transport
         verdict = self._handler.door.admit(peer_host(transport.get_extra_info("peername")))
         if isinstance(verdict, Admission):

@@ -1,7 +1,7 @@
 """An SMTP worker process (`smtp.workers`): SMTP sessions on the service's listening sockets.
 
-`postroom serve` starts it as `python -m relay.worker FD`, FD being its end of a socketpair to
-the service process (relay/workers.py). The service opened the listening sockets and passes
+`postroom serve` starts it as `python -m relay.worker FD LOOP`, FD being its end of a socketpair
+to the service process (relay/workers.py). The service opened the listening sockets and passes
 them on; every worker accepts on the same ones, and the kernel hands each new connection to one
 of them. A worker runs the same sessions as the service would (relay/submission.py and
 relay/sessions.py); what they share with the rest of the server it asks the service, through
@@ -28,10 +28,10 @@ import ssl
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from config import Settings
-from relay import logs
+from relay import eventloop, logs
 from relay.ipc import Channel, ChannelClosed, Known
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
@@ -205,7 +205,9 @@ def _reconfigure(settings: Settings, tls_paths: tuple[Path, Path] | None,
 
 def main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the service's; it tells us
-    sys.exit(asyncio.run(run(int(sys.argv[1]))))
+    fd, event_loop = int(sys.argv[1]), sys.argv[2]  # event_loop: `server.event_loop`
+    assert event_loop in ("auto", "uvloop", "asyncio")
+    sys.exit(eventloop.run(run(fd), cast(eventloop.LoopChoice, event_loop)))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class Workers:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.worker", str(theirs.fileno()),
+                self.settings.server.event_loop,
                 pass_fds=fds, stdin=asyncio.subprocess.DEVNULL, env=_worker_environment(),
             )
         finally:

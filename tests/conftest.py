@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+import uvloop
 
 from config import Settings
 from relay.service import Service
@@ -31,6 +32,16 @@ from tests.support import DnsServer, MxSink, wait_until
 
 DOMAIN = "example.test"
 MX_HOST = "mx.example.test"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The in-process Postroom, and everything a test runs beside it, on uvloop: the loop
+    `postroom serve` runs on by default (`server.event_loop`, relay/eventloop.py). The asyncio
+    loop is run by the tests of the setting itself (test_eventloop.py) and by the fuzzing
+    tests' own loop (test_faults_fuzz.py)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

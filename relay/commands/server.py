@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from config import EXAMPLE_CONFIG, ConfigError, load_settings, resolve_config_path
-from relay import logs
+from relay import eventloop, logs
 from relay.commands.context import emit, fail, migrate_spool, settings_of
 from relay.doctor import Check, has_failure, judge_config, run_checks
 from relay.service import Service, StartupError, tls_paths
@@ -127,8 +127,8 @@ def serve(ctx: click.Context) -> None:
         sys.stdout.flush()
 
     try:
-        asyncio.run(Service(settings).run(on_ready=announce))
-    except (OSError, StartupError) as exc:
+        eventloop.run(Service(settings).run(on_ready=announce), settings.server.event_loop)
+    except (OSError, StartupError, eventloop.LoopUnavailable) as exc:
         fail(f"cannot start: {exc}")
 
 
