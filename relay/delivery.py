@@ -233,9 +233,10 @@ class DeliveryEngine:
         result: SessionResult | NotAttempted
         unreachable = False
         try:
-            result, unreachable = await asyncio.wait_for(
-                self._deliver(job), self._settings.delivery.attempt_timeout
-            )
+            # asyncio.timeout, not wait_for: no second task per attempt (Python 3.11's wait_for
+            # wraps the coroutine in one)
+            async with asyncio.timeout(self._settings.delivery.attempt_timeout):
+                result, unreachable = await self._deliver(job)
         except asyncio.CancelledError:
             # Shutdown cut the attempt short: the units go back, due now.
             self._pacer.finished(key, is_unreachable=False)

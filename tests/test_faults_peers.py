@@ -92,3 +92,30 @@ async def test_hostile_mx_hosts_defer_while_healthy_mail_flows(
     assert hostile[Behaviour.DROP].dots == 1 and hostile[Behaviour.STALL].dots == 1
     assert all(server.connections >= 1 for server in hostile.values())
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_an_attempt_past_attempt_timeout_is_cut_short_and_deferred(
+    start: Callable[..., Any], hostile: dict[Behaviour, HostileMx]
+):
+    """`delivery.attempt_timeout` bounds the whole attempt, whatever the per-command timeouts
+    allow: an MX that stalls after DATA is cut off and the recipient deferred with 4.4.7."""
+    postroom: Running = await start(delivery={
+        "command_timeout": "1m", "data_timeout": "1m", "attempt_timeout": "2s",
+        "retry_schedule": ["1h"],
+    })
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        response = await http.post("/v1/messages", json=mail("user@stall.test", "stall"))
+    assert response.status_code == 202
+    message_id = response.json()["id"]
+
+    async def deferred() -> bool:
+        message = await postroom.spool.get_message(message_id)
+        return message.recipients[0].status is RecipientStatus.DEFERRED
+
+    await wait_until(deferred, timeout=15, message="the stalled attempt was not cut short")
+    [rcpt] = (await postroom.spool.get_message(message_id)).recipients
+    assert rcpt.last_reply is not None
+    assert (rcpt.last_reply.code, rcpt.last_reply.enhanced) == (451, "4.4.7")
+    assert "timed out" in rcpt.last_reply.text
+    assert hostile[Behaviour.STALL].dots == 1
