@@ -390,6 +390,31 @@ def latency_line(label: str, seconds: Sequence[float]) -> str:
     )
 
 
+def speed_ms() -> float:
+    """The machine's speed for one Python thread now: ms for a fixed loop, best of 5.
+
+    Virtual machines run at different speeds from day to day (a neighbour, CPU steal); this
+    figure beside a result says how fast the machine was when it was taken: compare results
+    taken at about the same speed, or scale them by it."""
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def machine() -> str:
+    """The machine line every benchmark prints before its figures."""
+    return (
+        f"machine: {os.cpu_count()} CPUs, 1-min load average {os.getloadavg()[0]:.2f}, speed "
+        f"{speed_ms():.0f} ms (bench/_postroom.py speed_ms: lower is faster); other work on "
+        f"the machine skews every figure"
+    )
+
+
 def mib(kib: int | None) -> str:
     return "n/a" if kib is None else f"{kib / 1024:.1f} MiB"
 
@@ -407,9 +432,11 @@ class ProcessWatch:
     peak_rss_kib: int | None = None
 
     load_at_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    speed_at_start: float = 0.0
 
     def begin(self) -> None:
         self.load_at_start = os.getloadavg()
+        self.speed_at_start = speed_ms()
         self.client_cpu_start = time.process_time()
         if self.server is not None:
             self.rss_at_start_kib = read_status_kib(self.server.pid, "VmRSS")
@@ -427,7 +454,8 @@ class ProcessWatch:
     def lines(self, wall: float) -> list[str]:
         out = [
             f"machine: {os.cpu_count()} CPUs, 1-min load average {self.load_at_start[0]:.2f} when "
-            f"the run began (other work on the machine skews every figure)",
+            f"the run began, speed {self.speed_at_start:.0f} ms (bench/_postroom.py speed_ms: "
+            f"lower is faster); other work on the machine skews every figure",
             f"benchmark client CPU: {self.client_cpu:.2f} s ({self.client_cpu / wall:.0%})",
         ]
         if self.server is None:
@@ -477,3 +505,9 @@ def body_text(size: int, newline: str = "\n") -> str:
             line = []
         line.append(word)
     return newline.join(lines) + newline
+
+
+if __name__ == "__main__":  # `python bench/_postroom.py speed`: the figure alone, for vs_postfix.sh
+    if sys.argv[1:] != ["speed"]:
+        sys.exit("usage: python bench/_postroom.py speed")
+    print(f"{speed_ms():.0f}")

@@ -24,7 +24,6 @@ Run (from the project root, with the project's virtualenv):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"deliver: {args.messages} messages x ~{args.size} B, {args.domains} domains, "
-        f"{args.sinks} sinks; machine: {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} (other work on the machine skews every figure)"
+        f"{args.sinks} sinks; {_postroom.machine()}"
     )
     results = [run_mode(args, dkim) for dkim in modes]
     if len(results) == 2:

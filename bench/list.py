@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n} messages queued in {time.perf_counter() - started:.1f} s", flush=True)
 
     print(f"list: {n} messages, pages of {PAGE}, each page fetched {args.repeat} times; "
-          f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+          f"{_postroom.machine()}")
     with _postroom.PrivatePostroom(prepare=prepare) as server:
         watch = _postroom.ProcessWatch(server)
         headers = {"Authorization": f"Bearer {server.key}"}

@@ -283,7 +283,8 @@ echo "vs_postfix: $MESSAGES messages x $ROUNDS round(s); smtp-source: $SESSIONS 
      "($(grep -o 'loop=[a-z]* smtp_workers=[0-9,-]*' "$WORK/postroom.log" | head -1))"
 echo "machine: $(nproc) CPUs, $(postconf -d mail_version 2>/dev/null | cut -d' ' -f3- | \
      sed 's/^/Postfix /'), Postroom $("$POSTROOM" --version 2>/dev/null | awk '{print $NF}'), \
-load average $(cut -d' ' -f1-3 /proc/loadavg)"
+load average $(cut -d' ' -f1-3 /proc/loadavg), speed $(python3 "$ROOT/bench/_postroom.py" speed) ms \
+(bench/_postroom.py speed_ms: lower is faster)"
 for round in $(seq "$ROUNDS"); do
     echo "round $round"
     if ((round % 2)); then

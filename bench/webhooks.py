@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import threading
 import time
@@ -273,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(
         f"webhooks: {args.events} outbox events; {args.messages} messages x ~{args.size} B to "
-        f"{args.domains} domains over {args.sinks} sinks; machine: {os.cpu_count()} CPUs, load "
-        f"average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)"
+        f"{args.domains} domains over {args.sinks} sinks; {_postroom.machine()}"
     )
     if args.part in ("outbox", "both"):
         run_outbox(args)
