@@ -132,6 +132,28 @@ async def test_trusted_network_relays_without_auth(start, mx_sink: MxSink):
     assert received.mail_from == "cron@acme.test"
 
 
+async def test_every_listen_address_serves_ipv4_and_ipv6_alike(start, mx_sink: MxSink):
+    """Each `smtp.listen` entry is its own listener, an IPv6 one too (with workers, the service
+    binds these sockets itself and the workers accept on them)."""
+    postroom = await start(smtp={
+        "listen": ["127.0.0.1:0", "[::1]:0"], "trusted_networks": ["127.0.0.0/8", "::1/128"],
+    })
+    [(v4_host, v4_port), (v6_host, v6_port)] = postroom.service.smtp_addresses
+    assert (v4_host, v6_host) == ("127.0.0.1", "::1")
+
+    def send(host: str, port: int) -> tuple[int, bytes]:
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.ehlo()
+            client.mail("cron@acme.test")
+            assert client.rcpt("user@example.test")[0] == 250
+            return client.data(MESSAGE)
+
+    for host, port in ((v4_host, v4_port), (v6_host, v6_port)):
+        code, reply = await asyncio.to_thread(send, host, port)
+        assert code == 250, reply
+    assert len(await mx_sink.wait_for_messages(2)) == 2
+
+
 async def test_bare_lf_line_endings_are_normalised_to_crlf(start, mx_sink: MxSink):
     postroom = await start(smtp={"trusted_networks": ["127.0.0.0/8"]})
 
