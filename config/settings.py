@@ -173,6 +173,10 @@ class Section(BaseModel):
         return data
 
 
+#: `server.event_loop` (relay/eventloop.py).
+EventLoop = Literal["auto", "uvloop", "asyncio"]
+
+
 class ServerSettings(Section):
     data_dir: Path = Path("/var/lib/postroom")
     hostname: str = Field(default_factory=socket.getfqdn)
@@ -180,7 +184,7 @@ class ServerSettings(Section):
     shutdown_timeout: Duration = 30.0
     #: The service's and the SMTP workers' event loop (relay/eventloop.py): "auto" is uvloop when
     #: it is installed, else asyncio's.
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoop = "auto"
 
 
 #: cgroup v2's CPU quota of this process's group (a container's `--cpus`, systemd's CPUQuota=).

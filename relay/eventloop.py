@@ -12,16 +12,16 @@ import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
-T = TypeVar("T")
+from config import EventLoop
 
-LoopChoice = Literal["auto", "uvloop", "asyncio"]
+T = TypeVar("T")
 
 
 class LoopUnavailable(RuntimeError):
     """`server.event_loop = "uvloop"` where uvloop is not installed."""
 
 
-def resolve(choice: LoopChoice) -> Literal["uvloop", "asyncio"]:
+def resolve(choice: EventLoop) -> Literal["uvloop", "asyncio"]:
     """The loop `choice` names on this machine."""
     has_uvloop = importlib.util.find_spec("uvloop") is not None
     if choice == "uvloop" and not has_uvloop:
@@ -34,7 +34,7 @@ def resolve(choice: LoopChoice) -> Literal["uvloop", "asyncio"]:
     return "uvloop"
 
 
-def run(main: Coroutine[Any, Any, T], choice: LoopChoice) -> T:
+def run(main: Coroutine[Any, Any, T], choice: EventLoop) -> T:
     """`asyncio.run(main)` on the loop `choice` names."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
 
-from config import Settings
+from config import EventLoop, Settings
 from relay import eventloop, logs
 from relay.ipc import Channel, ChannelClosed, Known
 from relay.sessions import Sessions
@@ -207,7 +207,7 @@ def main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the service's; it tells us
     fd, event_loop = int(sys.argv[1]), sys.argv[2]  # event_loop: `server.event_loop`
     assert event_loop in ("auto", "uvloop", "asyncio")
-    sys.exit(eventloop.run(run(fd), cast(eventloop.LoopChoice, event_loop)))
+    sys.exit(eventloop.run(run(fd), cast(EventLoop, event_loop)))
 
 
 if __name__ == "__main__":
