@@ -34,15 +34,10 @@ _CALL, _ANSWER, _FAILURE, _NOTE = range(4)
 Handler = Callable[[str, tuple[Any, ...]], Any]
 
 
-class Known(NamedTuple):
-    """Stands in a frame for an object the other side was sent once and keeps, by `token`.
-
-    Each worker is sent the settings the service started with, once, at its start; a call
-    that passes them (every API send does) sends this instead: pickling them was ~85% of the
-    cost of an API send's frame.
-    """
-
-    token: int
+class StartSettings(NamedTuple):
+    """Stands in a frame for the settings the service started with, which each worker was sent
+    once, at its start: a call that passes them (every API send does) sends this instead, since
+    pickling them was ~85% of the cost of an API send's frame."""
 
 
 class ChannelClosed(ConnectionError):

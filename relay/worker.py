@@ -32,7 +32,7 @@ from typing import Any, cast
 
 from config import EventLoop, Settings
 from relay import eventloop, logs
-from relay.ipc import Channel, ChannelClosed, Known
+from relay.ipc import Channel, ChannelClosed, StartSettings
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.throttle import AuthVerdict
@@ -120,10 +120,8 @@ async def run(fd: int) -> int:
     channel = await Channel.over(socket.socket(fileno=fd))
     _, _, op, args = await channel.receive()
     assert op == "start"
-    settings, listeners, tls_paths, index, known = args
-    assert isinstance(settings, Settings)
-    #: What a call's `Known(token)` stands for (relay/workers.py `_stand_in`); kept as sent.
-    held: dict[int, Settings] = dict(known)
+    settings, listeners, tls_paths, index, started_with = args
+    assert isinstance(settings, Settings) and isinstance(started_with, Settings)
     logs.configure(settings)
     quiet_aiosmtpd_logging()
     tls = tls_context(tls_paths)
@@ -145,7 +143,9 @@ async def run(fd: int) -> int:
     def handle(op: str, args: tuple[Any, ...]) -> object:
         if op == "call":  # CPU work the service hands over (relay/workers.py `offload`)
             function, function_args = args
-            return function(*(held[a.token] if type(a) is Known else a for a in function_args))
+            return function(*(
+                started_with if type(a) is StartSettings else a for a in function_args
+            ))
         if op == "ping":  # the service's watchdog: answered by this loop, so it is not stuck
             return b"pong"
         if op == "drain":

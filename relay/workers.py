@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from config import Settings
 from relay.dkim import sign_here, sign_message
 from relay.frontdoor import LocalDoor
-from relay.ipc import Channel, ChannelClosed, Known
+from relay.ipc import Channel, ChannelClosed, StartSettings
 from relay.metrics import Metrics
 from store import DomainKeys
 
@@ -73,9 +73,9 @@ class _Worker:
 class Workers:
     def __init__(self, settings: Settings, door: LocalDoor, metrics: Metrics) -> None:
         self.settings = settings
-        #: Settings every worker holds, by token (`Known`): those the service started with,
-        #: which the API keeps until a restart, so its sends need not carry them.
-        self._known: dict[int, Settings] = {0: settings}
+        #: The settings the service started with, which the API keeps until a restart: every
+        #: worker holds them, so an API send need not carry them (`StartSettings`).
+        self._started_with = settings
         self._door = door
         self._metrics = metrics
         self._listeners: list[tuple[int, bool]] = []
@@ -118,7 +118,7 @@ class Workers:
             name=f"smtp-worker-{index}",
         )
         channel.notify(
-            "start", self.settings, self._listeners, self._tls, index, self._known,
+            "start", self.settings, self._listeners, self._tls, index, self._started_with,
         )
         ready = asyncio.create_task(worker.ready.wait())
         exited = asyncio.create_task(process.wait())
@@ -288,7 +288,7 @@ class Workers:
             return await asyncio.to_thread(function, *args)
         worker = min(live, key=lambda w: w.busy)
         worker.busy += 1
-        sent = tuple(self._stand_in(arg) for arg in args)
+        sent = tuple(StartSettings() if arg is self._started_with else arg for arg in args)
         try:
             result: T = await worker.channel.call("call", function, sent)
         except ChannelClosed:
@@ -296,13 +296,6 @@ class Workers:
         finally:
             worker.busy -= 1
         return result
-
-    def _stand_in(self, arg: object) -> object:
-        """`Known(token)` for settings the workers already hold, else `arg` itself."""
-        for token, settings in self._known.items():
-            if arg is settings:
-                return Known(token)
-        return arg
 
     async def sign(self, keys: DomainKeys, content: bytes) -> bytes:
         """DKIM-sign `content` in a worker; in this process if none is running."""

@@ -258,9 +258,9 @@ async def test_workers_leave_when_the_service_is_killed(
 async def test_api_sends_composed_in_workers_survive_reloads_and_restarts(
     tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert
 ):
-    """Each worker holds the settings the service started with, and an API send names them by
-    token (relay/ipc.py `Known`) instead of carrying them: after reloads, and in a worker
-    started after one, the token must still resolve, or every API send would fail."""
+    """Each worker holds the settings the service started with, and an API send sends a
+    stand-in for them (relay/ipc.py `StartSettings`): after reloads, and in a worker started
+    after one, the stand-in must still mean them, or every API send would fail."""
     data = settings_data(tmp_path, dns, mx_sink.port, server_cert)
     data["smtp"]["workers"] = 1
     config = write_config(tmp_path / "postroom.toml", data)
