@@ -93,8 +93,7 @@ class DeliveryEngine:
         )
         self._keys = KeyRing(spool.domain_keys, ttl=cfg.key_cache_ttl)
         self._sign_with = sign_with
-        self._default_limits = _limits(settings, "")
-        self._overridden_limits = {d: _limits(settings, d) for d in cfg.destinations}
+        self._default_limits, self._overridden_limits = _pace_limits(settings)
         self._pacer = Pacer(
             limits=self._limits_of,
             default=self._default_limits,
@@ -197,8 +196,7 @@ class DeliveryEngine:
         what they started with, the next claim and the next attempt use the new ones."""
         cfg = settings.delivery
         self._settings = settings
-        self._default_limits = _limits(settings, "")
-        self._overridden_limits = {d: _limits(settings, d) for d in cfg.destinations}
+        self._default_limits, self._overridden_limits = _pace_limits(settings)
         self._pacer.reconfigure(
             default=self._default_limits,
             overridden=self._overridden_limits,
@@ -207,9 +205,10 @@ class DeliveryEngine:
         )
 
     def _limits_of(self, key: str) -> Limits:
-        """A pacing destination's limits, as `_limits` gives them, from the values computed at
-        start and at each reload rather than a settings model built per claim."""
-        name = key.rpartition(":")[0] if ":" in key else key
+        """A pacing destination's limits: a smarthost's (`host:port`) come from
+        `[delivery.destinations."HOST"]` (its host name as written in the route), a domain's from
+        its own entry, else the defaults; from values computed at start and at each reload."""
+        name = key.rpartition(":")[0] if ":" in key else key  # no domain name holds a ':'
         return self._overridden_limits.get(name, self._default_limits)
 
     async def _wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109
@@ -482,13 +481,15 @@ def pace_key(settings: Settings, domain: str) -> str:
     return domain if route is None else f"{route.host.lower()}:{route.port}"
 
 
-def _limits(settings: Settings, key: str) -> Limits:
-    """A pacing destination's limits: a smarthost's come from `[delivery.destinations."HOST"]`
-    (its host name as written in the route), a domain's from its own entry."""
-    name = key.rpartition(":")[0] if ":" in key else key  # no domain name holds a ':'
-    dest = settings.delivery.destination(name)
-    assert dest.max_connections is not None and dest.message_rate is not None
-    return Limits(dest.max_connections, dest.message_rate)
+def _pace_limits(settings: Settings) -> tuple[Limits, dict[str, Limits]]:
+    """Pacing's limits: the defaults, and those of each `[delivery.destinations]` entry."""
+
+    def limits(name: str) -> Limits:
+        dest = settings.delivery.destination(name)
+        assert dest.max_connections is not None and dest.message_rate is not None
+        return Limits(dest.max_connections, dest.message_rate)
+
+    return limits(""), {name: limits(name) for name in settings.delivery.destinations}
 
 
 def _is_unreachable(result: SessionResult) -> bool:
