@@ -431,12 +431,11 @@ class ProcessWatch:
     client_cpu: float = 0.0
     peak_rss_kib: int | None = None
 
-    load_at_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    speed_at_start: float = 0.0
+    #: `machine()` when the run began: the load and speed the figures were taken at.
+    machine_at_start: str = ""
 
     def begin(self) -> None:
-        self.load_at_start = os.getloadavg()
-        self.speed_at_start = speed_ms()
+        self.machine_at_start = machine()
         self.client_cpu_start = time.process_time()
         if self.server is not None:
             self.rss_at_start_kib = read_status_kib(self.server.pid, "VmRSS")
@@ -453,9 +452,7 @@ class ProcessWatch:
 
     def lines(self, wall: float) -> list[str]:
         out = [
-            f"machine: {os.cpu_count()} CPUs, 1-min load average {self.load_at_start[0]:.2f} when "
-            f"the run began, speed {self.speed_at_start:.0f} ms (bench/_postroom.py speed_ms: "
-            f"lower is faster); other work on the machine skews every figure",
+            self.machine_at_start,
             f"benchmark client CPU: {self.client_cpu:.2f} s ({self.client_cpu / wall:.0%})",
         ]
         if self.server is None:
