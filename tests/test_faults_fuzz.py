@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from api.compose import compose, envelope_recipients
+from api.compose import _compose_parts, compose, email_message, envelope_recipients
 from api.models import SendRequest
 from config import Settings
 from relay.service import Service
@@ -160,6 +160,84 @@ def test_any_valid_request_composes_to_a_message_that_parses_back(body: dict[str
         (a["filename"], a["content_type"], base64.b64decode(a["content"]))
         for a in body["attachments"]
     ]
+
+
+# Long lines make `set_content` choose quoted-printable or base64 instead of 7bit or 8bit.
+long_lines = st.lists(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            max_size=120),
+    max_size=4,
+).map("\n".join)
+custom_headers = st.dictionaries(
+    st.sampled_from(["X-Campaign", "x-campaign", "References", "In-Reply-To", "List-Id"]),
+    header_text, max_size=3,
+)
+_DATE = "Tue, 14 Nov 2023 22:13:20 +0000"
+_MESSAGE_ID = "<170000000000.1.2@postroom.test>"
+_BOUNDARY = "===============0123456789012345678=="
+
+
+def _by_message_object(request: SendRequest) -> bytes:
+    message = email_message(request, _DATE, _MESSAGE_ID)
+    if message.is_multipart():
+        message.set_boundary(_BOUNDARY)
+    return message.as_bytes()
+
+
+@FUZZ
+@given(requests(), st.one_of(st.none(), long_lines), custom_headers)
+def test_the_direct_composer_writes_what_the_message_object_writes(
+    body: dict[str, Any], html: str | None, headers: dict[str, str]
+):
+    body.pop("_expected")
+    body["attachments"] = []
+    if html is not None:
+        body["html"] = html
+    body["headers"] = headers
+    try:
+        request = SendRequest.model_validate(body)
+    except ValidationError:
+        assume(False)
+        raise
+    direct = _compose_parts(request, _DATE, _MESSAGE_ID, _BOUNDARY)
+    if direct is None:  # repeated header names: the message object decides
+        assert len({n.lower() for n in headers}) < len(headers)
+        return
+    assert direct == _by_message_object(request)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"text": "plain, short lines\n"},
+        {"html": "<p>" + "long line " * 40 + "</p>"},  # quoted-printable
+        {"text": "h\u00e9llo\n", "html": "<p>h\u00e9llo</p>"},  # 8bit, multipart/alternative
+        {"text": "x", "subject": "Gr\u00fc\u00dfe " * 12, "headers": {"X-Campaign": "fall"}},
+    ],
+)
+def test_the_common_shapes_take_the_direct_path(extra: dict[str, Any]):
+    request = SendRequest.model_validate(
+        {"from": '"Acme Billing" <billing@acme.test>', "to": ["a@example.test"],
+         "cc": ["Bob <b@example.test>"], "subject": "Your invoice", **extra}
+    )
+    direct = _compose_parts(request, _DATE, _MESSAGE_ID, _BOUNDARY)
+    assert direct is not None
+    assert direct == _by_message_object(request)
+    message = message_from_bytes(compose(request, "postroom.test", 1_700_000_000.0),
+                                 policy=default)
+    assert message["Subject"] == request.subject
+    assert message["Date"] == _DATE
+
+
+def test_attachments_take_the_message_objects_path():
+    request = SendRequest.model_validate(
+        {"from": "a@acme.test", "to": ["b@example.test"], "subject": "s", "text": "t",
+         "attachments": [{"filename": "a.txt", "content": "aGk="}]}
+    )
+    assert _compose_parts(request, _DATE, _MESSAGE_ID, _BOUNDARY) is None
+    message = message_from_bytes(compose(request, "postroom.test", 0.0), policy=default)
+    [attachment] = message.iter_attachments()
+    assert attachment.get_payload(decode=True) == b"hi"
 
 
 @pytest.mark.xfail(
