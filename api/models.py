@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -51,10 +52,11 @@ _NAME_ADDR = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^<>"]*?))\s*<([^<>]*)>\s*
 # CR, LF and NUL, and every other character Python's `str.splitlines` breaks a line at: the
 # email package folds headers with it, so EmailMessage refuses a header value holding one.
 _CONTROLS = "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_HAS_CONTROL = re.compile(f"[{re.escape(_CONTROLS)}]")
 
 
 def _no_controls(value: str) -> str:
-    if any(c in value for c in _CONTROLS):
+    if _HAS_CONTROL.search(value):
         raise ValueError("must not contain CR, LF, NUL or another line break")
     return value
 
@@ -144,7 +146,26 @@ def normalise_address(value: str) -> str:
 
 
 def parse_mailbox(value: str) -> tuple[str, str]:
-    """(display name, ASCII address) of a bare address or a name-addr (`"Acme" <a@acme.test>`)."""
+    """(display name, ASCII address) of a bare address or a name-addr (`"Acme" <a@acme.test>`).
+
+    A request's addresses are parsed by validation, by composition and for the envelope (six
+    times for a one-recipient message), and a batch repeats its sender on every item: the last
+    few thousand of usual length are remembered.
+    """
+    if len(value) <= _REMEMBERED_MAILBOX:
+        return _remembered_mailbox(value)
+    return _parse_mailbox(value)
+
+
+_REMEMBERED_MAILBOX = 512
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_mailbox(value: str) -> tuple[str, str]:
+    return _parse_mailbox(value)
+
+
+def _parse_mailbox(value: str) -> tuple[str, str]:
     _no_controls(value)
     m = _NAME_ADDR.match(value)
     if m is None:
@@ -278,18 +299,18 @@ class SendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
 
     from_: Mailbox = Field(alias="from")
-    to: Mailboxes = []
-    cc: Mailboxes = []
-    bcc: Mailboxes = []
-    reply_to: Mailboxes = []
+    to: Mailboxes = Field(default_factory=list)
+    cc: Mailboxes = Field(default_factory=list)
+    bcc: Mailboxes = Field(default_factory=list)
+    reply_to: Mailboxes = Field(default_factory=list)
     subject: HeaderText = Field(max_length=998)
     text: BodyText | None = None
     html: BodyText | None = None
-    headers: dict[HeaderName, HeaderValue] = {}
-    attachments: list[AttachmentIn] = []
-    tags: list[TagIn] = Field(default=[], max_length=50)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    attachments: list[AttachmentIn] = Field(default_factory=list)
+    tags: list[TagIn] = Field(default_factory=list, max_length=50)
     metadata: dict[ShortText, Annotated[str, AfterValidator(_no_controls)]] = Field(
-        default={}, max_length=50
+        default_factory=dict, max_length=50
     )
     message_type: Literal["transactional", "marketing"] = "transactional"
     priority: Literal["high", "normal", "low"] = "normal"
