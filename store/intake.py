@@ -19,8 +19,6 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.message import Message as EmailHeaders
-from email.parser import BytesHeaderParser
 
 import idna
 
@@ -28,7 +26,7 @@ from store import idempotency
 from store.crypto import BODY, Sealer
 from store.errors import IdempotencyConflict, PolicyRejected, StoreError
 from store.events import append_events
-from store.headers import DEFAULT_POLICY
+from store.headers import HeaderFields, read_fields
 from store.ids import new_id
 from store.records import (
     Accepted,
@@ -52,7 +50,8 @@ BATCH_JOB_SIZE = 1000
 
 # A message without an empty line has no body; its header cannot sensibly be longer than this.
 _HEADERLESS_SCAN = 1024 * 1024
-_HEADER_PARSER = BytesHeaderParser(policy=DEFAULT_POLICY)
+#: The header fields intake reads: the author (sender domains, the listing) and the subject.
+_FIELDS = ("From", "Sender", "Subject")
 _INTAKE_EVENTS = {
     RecipientStatus.QUEUED: EventType.EMAIL_QUEUED,
     RecipientStatus.SCHEDULED: EventType.EMAIL_SCHEDULED,
@@ -98,7 +97,7 @@ def _sender_domain(address: str) -> str:
         return domain.lower()
 
 
-def _header_addresses(headers: EmailHeaders, name: str) -> list[str]:
+def _header_addresses(headers: HeaderFields, name: str) -> list[str]:
     """The addr-specs of every `name:` field (a repeated field counts each time); [] if none.
 
     An address that does not parse comes back as it was written, so that it names no allowed
@@ -115,7 +114,7 @@ def _header_addresses(headers: EmailHeaders, name: str) -> list[str]:
     return found
 
 
-def check_sender(submission: Submission, headers: EmailHeaders) -> None:
+def check_sender(submission: Submission, headers: HeaderFields) -> None:
     """A key restricted to sender domains may use only those: MAIL FROM, From: and Sender:.
 
     Every From: and Sender: field counts, not only the first: a second field is what a receiver
@@ -144,7 +143,7 @@ def check_sender(submission: Submission, headers: EmailHeaders) -> None:
             )
 
 
-def from_domains(headers: EmailHeaders) -> list[str]:
+def from_domains(headers: HeaderFields) -> list[str]:
     """The domains of the From: addresses (ASCII, lower case), in order."""
     try:
         addresses = tuple(getattr(headers["From"], "addresses", ()))
@@ -201,12 +200,11 @@ def domain_of(address: str) -> str:
     return domain.rstrip(".").lower()
 
 
-def _header(headers: object, name: str) -> str:
+def _header(headers: HeaderFields, name: str) -> str:
     try:
-        value = headers[name]  # type: ignore[index]
+        return headers.text(name)[:998]
     except Exception:  # noqa: BLE001 - a malformed header is shown as absent, never fatal
         return ""
-    return "" if value is None else str(value)[:998]
 
 
 def prepare(submission: Submission, limits: IntakeLimits) -> tuple[bytes, list[tuple[str, str]]]:
@@ -241,7 +239,7 @@ def prepare(submission: Submission, limits: IntakeLimits) -> tuple[bytes, list[t
 
 def _job(submission: Submission, limits: IntakeLimits) -> _AcceptJob:
     content, units = prepare(submission, limits)
-    headers = _HEADER_PARSER.parsebytes(header_block(content), headersonly=True)
+    headers = read_fields(header_block(content), _FIELDS)
     check_sender(submission, headers)
     return _AcceptJob(
         id=new_id("msg"),
