@@ -4,8 +4,10 @@ Owns the conversation with a receiving MTA or smarthost: connect (to the resolve
 `delivery.source_address` when set), EHLO with our hostname, the TLS policy (opportunistic
 STARTTLS without certificate checks as MTAs do, `required`, `verify` against the MX name sent as
 SNI, or implicit TLS to a smarthost), AUTH for smarthosts, then MAIL, one RCPT per recipient and
-DATA when any recipient was accepted. Recipients refused with `552` at RCPT ("too many
-recipients", RFC 5321 §4.5.3.1.10) get a new transaction on the same connection. It returns each
+DATA when any recipient was accepted — all in one write when the server offers PIPELINING
+(RFC 2920), as Postfix's smtp client does, and one command at a time otherwise. Recipients refused
+with `552` at RCPT ("too many recipients", RFC 5321 §4.5.3.1.10) get a new transaction on the
+same connection. It returns each
 recipient's reply, or a session-level failure that tells the engine to try the next address.
 Any timeout drops the connection. aiosmtplib's exceptions never leave this module.
 """
@@ -16,9 +18,10 @@ import asyncio
 import logging
 import re
 import ssl
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import aiosmtplib
 
@@ -396,6 +399,20 @@ async def _start_session(
     return tls
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """The replies of one transaction: MAIL's, each RCPT's, and the outcome of the message —
+    DATA's refusal or the reply after the final dot — when any recipient was accepted."""
+
+    mail: aiosmtplib.SMTPResponse
+    rcpts: list[aiosmtplib.SMTPResponse]
+    final: aiosmtplib.SMTPResponse | None
+
+
+def _accepts(response: aiosmtplib.SMTPResponse) -> bool:
+    return response.code in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward)
+
+
 async def _transactions(
     smtp: aiosmtplib.SMTP, envelope: Envelope, timeouts: Timeouts, *, is_reused: bool = False
 ) -> tuple[dict[int, Reply], set[int], bool]:
@@ -408,44 +425,44 @@ async def _transactions(
     at_rcpt: set[int] = set()
     pending: Sequence[tuple[int, str]] = envelope.recipients
     is_clean = True
+    pipelined = smtp.supports_extension("pipelining") and all(
+        PLAIN_ADDRESS.fullmatch(address)
+        for address in (envelope.mail_from or "a@a", *(email for _, email in pending))
+    )
     while pending:
         try:
-            await _mail(smtp, envelope.mail_from)
-        except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+            exchange = await (_pipelined if pipelined else _one_by_one)(
+                smtp, envelope.mail_from, pending, envelope.content, timeouts
+            )
+        except _GoneAtMail as gone:
             if is_reused and not replies:
-                raise _StaleSession() from exc
-            raise
-        except aiosmtplib.SMTPSenderRefused as exc:
-            if is_reused and not replies and exc.code == 421:
-                raise _StaleSession() from exc
+                raise _StaleSession() from gone.cause
+            raise gone.cause from None
+        mail = exchange.mail
+        if mail.code != aiosmtplib.SMTPStatus.completed:
+            if is_reused and not replies and mail.code == 421:
+                raise _StaleSession()
             if replies:  # a later transaction: its recipients get the refusal
                 for rid, _ in pending:
-                    replies[rid] = make_reply(exc.code, exc.message)
+                    replies[rid] = make_reply(mail.code, mail.message)
                 return replies, at_rcpt, is_clean
-            raise _SessionFailed(make_reply(exc.code, exc.message)) from None
+            raise _SessionFailed(make_reply(mail.code, mail.message))
         accepted: list[int] = []
         too_many: list[tuple[int, str]] = []
-        for rid, email in pending:
-            try:
-                resp = await _rcpt(smtp, email)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                replies[rid] = make_reply(exc.code, exc.message)
-                at_rcpt.add(rid)
-                if exc.code == 552:
-                    too_many.append((rid, email))
-            else:
-                replies[rid] = make_reply(resp.code, resp.message)
+        for (rid, email), resp in zip(pending, exchange.rcpts, strict=True):
+            replies[rid] = make_reply(resp.code, resp.message)
+            if _accepts(resp):
                 at_rcpt.discard(rid)
                 accepted.append(rid)
+            else:
+                at_rcpt.add(rid)
+                if resp.code == 552:
+                    too_many.append((rid, email))
         is_clean = False
-        if accepted:
-            try:
-                resp = await smtp.data(envelope.content, timeout=timeouts.data)
-                final = make_reply(resp.code, resp.message)
-                is_clean = True
-            except aiosmtplib.SMTPDataError as exc:
-                # Refused at DATA or after the final dot: which one is not told, so RSET.
-                final = make_reply(exc.code, exc.message)
+        if accepted and exchange.final is not None:
+            final = make_reply(exchange.final.code, exchange.final.message)
+            # Refused at DATA or after the final dot: which one is not told, so RSET.
+            is_clean = exchange.final.code == aiosmtplib.SMTPStatus.completed
             # The reply after the final dot is every accepted recipient's outcome.
             for rid in accepted:
                 replies[rid] = final
@@ -453,6 +470,183 @@ async def _transactions(
             break  # no progress: what is left keeps its 552 (deferred: see outcome.classify)
         pending = too_many
     return replies, at_rcpt, is_clean
+
+
+async def _one_by_one(
+    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[tuple[int, str]], content: bytes,
+    timeouts: Timeouts,
+) -> _Exchange:
+    """One transaction, each command waiting for its reply; DATA only if a recipient was
+    accepted. Refusals are replies; a lost connection or a timeout raises (`_GoneAtMail` when
+    MAIL met it)."""
+    try:
+        await _mail(smtp, sender)
+    except aiosmtplib.SMTPSenderRefused as exc:
+        return _Exchange(aiosmtplib.SMTPResponse(exc.code, exc.message), [], None)
+    except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
+        raise _GoneAtMail(exc) from exc
+    rcpts = []
+    for _, email in recipients:
+        try:
+            rcpts.append(await _rcpt(smtp, email))
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            rcpts.append(aiosmtplib.SMTPResponse(exc.code, exc.message))
+    if not any(_accepts(r) for r in rcpts):
+        return _Exchange(_MAIL_OK, rcpts, None)
+    try:
+        final = await smtp.data(content, timeout=timeouts.data)
+    except aiosmtplib.SMTPDataError as exc:
+        final = aiosmtplib.SMTPResponse(exc.code, exc.message)
+    return _Exchange(_MAIL_OK, rcpts, final)
+
+
+_MAIL_OK = aiosmtplib.SMTPResponse(aiosmtplib.SMTPStatus.completed, "OK")
+
+
+class _GoneAtMail(Exception):
+    """The connection was lost (or timed out) before MAIL's reply: nothing of the message has
+    been accepted, so a session that waited in the cache may simply have gone stale."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+_DOT_LINES = re.compile(rb"(?m)^\.")
+
+
+async def _pipelined(
+    smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[tuple[int, str]], content: bytes,
+    timeouts: Timeouts,
+) -> _Exchange:
+    """One transaction with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write,
+    then the message after DATA's `354`. Plain addresses only (`PLAIN_ADDRESS`): their paths
+    are written as `_mail` and `_rcpt` write them.
+
+    aiosmtplib reads one reply per command it sent and drops what comes before it asks, so
+    while the commands are out the transport's protocol is `_Replies`, which reads every reply
+    in order, and aiosmtplib's protocol gets the transport back for what follows (RSET, QUIT).
+    """
+    transport = smtp.transport
+    if transport is None or transport.is_closing():
+        raise _GoneAtMail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+    previous = transport.get_protocol()
+    replies = _Replies(previous)
+    transport.set_protocol(replies)
+    try:
+        commands = [b"MAIL FROM:<" + sender.encode("ascii") + b">"]
+        commands.extend(b"RCPT TO:<" + email.encode("ascii") + b">" for _, email in recipients)
+        commands.append(b"DATA")
+        waiting = [replies.expect() for _ in commands]
+        cast(asyncio.WriteTransport, transport).write(b"\r\n".join(commands) + b"\r\n")
+        try:
+            async with asyncio.timeout(timeouts.command):
+                mail = await waiting[0]
+        except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:  # TimeoutError is one
+            raise _GoneAtMail(exc) from exc
+        async with asyncio.timeout(timeouts.command):
+            rcpts = [await w for w in waiting[1:-1]]
+            data = await waiting[-1]
+        if data.code != aiosmtplib.SMTPStatus.start_input:
+            return _Exchange(mail, rcpts, data)
+        final = replies.expect()
+        if mail.code != aiosmtplib.SMTPStatus.completed or not any(_accepts(r) for r in rcpts):
+            # DATA should have been refused with no recipient (RFC 2920 §3.1): end it empty.
+            cast(asyncio.WriteTransport, transport).write(b".\r\n")
+            async with asyncio.timeout(timeouts.data):
+                await final
+            return _Exchange(mail, rcpts, None)
+        body = _DOT_LINES.sub(b"..", content)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        cast(asyncio.WriteTransport, transport).write(body + b".\r\n")
+        async with asyncio.timeout(timeouts.data):
+            return _Exchange(mail, rcpts, await final)
+    finally:
+        if not transport.is_closing() and transport.get_protocol() is replies:
+            transport.set_protocol(previous)
+        replies.forget()
+
+
+class _Replies(asyncio.Protocol):
+    """SMTP replies, in order, to commands written together; the transport's protocol only while
+    a pipelined transaction runs. A lost connection is passed on to the protocol it stands in
+    for, so that the aiosmtplib session knows it is closed."""
+
+    def __init__(self, previous: asyncio.BaseProtocol) -> None:
+        self._previous = previous
+        self._buffer = bytearray()
+        self._waiting: deque[asyncio.Future[aiosmtplib.SMTPResponse]] = deque()
+        self._lines: list[bytes] = []
+
+    def expect(self) -> asyncio.Future[aiosmtplib.SMTPResponse]:
+        future: asyncio.Future[aiosmtplib.SMTPResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiting.append(future)
+        return future
+
+    def forget(self) -> None:
+        """The transaction is over: nobody awaits what is still expected."""
+        for future in self._waiting:
+            if not future.done():
+                future.cancel()
+        self._waiting.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if not self._line(line):
+                return
+        if len(self._buffer) > _MAX_REPLY:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+
+    def _line(self, line: bytes) -> bool:
+        """Take one reply line; False once the replies can no longer be read."""
+        try:
+            code = int(line[:3])
+        except ValueError:
+            text = line.decode("utf-8", "replace").strip()
+            self._fail(
+                aiosmtplib.SMTPResponseException(-1, f"Malformed SMTP response line: {text}")
+            )
+            return False
+        self._lines.append(line[4:].strip(b" \t\r\n"))
+        if sum(len(t) for t in self._lines) > _MAX_REPLY:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+            return False
+        if line[3:4] == b"-":
+            return True
+        message = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+        self._lines = []
+        if not self._waiting:  # a reply nobody asked for: the session is out of step
+            self._fail(aiosmtplib.SMTPResponseException(-1, f"Unexpected reply: {code}"))
+            return False
+        future = self._waiting.popleft()
+        if not future.done():
+            future.set_result(aiosmtplib.SMTPResponse(code, message))
+        return True
+
+    def _fail(self, exc: Exception) -> None:
+        for future in self._waiting:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: a later reply may never be awaited
+        self._waiting.clear()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._previous.connection_lost(exc)
+
+
+#: As aiosmtplib bounds a reply, so that a server streaming one endless line cannot fill memory.
+_MAX_REPLY = 8192 * 4
 
 
 def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:

@@ -33,6 +33,16 @@ class _Handler:
     def __init__(self, sink: MxSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd reads pipelined commands in order; it just never says so.
+        if self.sink.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -118,8 +128,11 @@ class MxSink:
         authenticator: Any = None,
         address: str = "127.0.0.1",
         port: int = 0,
+        pipelining: bool = True,
     ) -> None:
         self.hostname = hostname
+        #: Offer PIPELINING in the EHLO reply, as real MTAs do (RFC 2920).
+        self.pipelining = pipelining
         #: Where to listen: another 127.0.0.x with an existing sink's port is a second MX host.
         self.address = address
         #: aiosmtpd authenticator; when set, AUTH (after STARTTLS) is required to send.
