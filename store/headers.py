@@ -6,6 +6,9 @@ there, and a fifth of intake's header parse. The class depends on the header's n
 these policies remember one per name. Parsing the value is most of what remains, and short
 values repeat (a batch's sender and subject, the MIME headers): the last few thousand are
 remembered too. What the policies parse and render is unchanged.
+
+`read_fields` finds a few named fields in a message's header block by the feed parser's own rules,
+without running the feed parser: what intake reads of every message (From, Sender, Subject).
 """
 
 from __future__ import annotations
