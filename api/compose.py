@@ -72,7 +72,7 @@ def compose(request: SendRequest, hostname: str, now: float) -> bytes:
     """The message as bytes, CRLF line endings. Raises ValueError for what EmailMessage refuses."""
     date = format_datetime(datetime.fromtimestamp(int(now), UTC))
     message_id = make_msgid(domain=hostname)
-    fast = _compose_parts(request, date, message_id, _make_boundary())
+    fast = _compose_parts(request, date, message_id)
     if fast is not None:
         return fast
     return email_message(request, date, message_id).as_bytes()
@@ -169,11 +169,12 @@ def _text_part(text: str, subtype: str, mime_version: bool) -> bytes:
 
 
 def _compose_parts(
-    request: SendRequest, date: str, message_id: str, boundary: str
+    request: SendRequest, date: str, message_id: str, boundary: str | None = None
 ) -> bytes | None:
     """The bytes `email_message(…).as_bytes()` gives for a request of text and/or html parts
-    without attachments (with `boundary` for multipart/alternative); None for any other shape,
-    or when a custom header repeats one already there (the message object refuses that)."""
+    without attachments (multipart/alternative with `boundary`, a new one when None); None for
+    any other shape, or when a custom header repeats one already there (the message object
+    refuses that)."""
     if request.attachments or _encode_text is None:
         return None
     if len({name.lower() for name in request.headers}) != len(request.headers):
@@ -197,6 +198,7 @@ def _compose_parts(
         return b"".join((*fields, _text_part(text, subtype, mime_version=True)))
     plain = _text_part(request.text, "plain", mime_version=False)
     html = _text_part(request.html, "html", mime_version=True)
+    boundary = boundary or _make_boundary()
     delimiter = f"--{boundary}".encode("ascii")
     if delimiter in plain or delimiter in html:
         return None  # the generator would choose another boundary

@@ -92,15 +92,15 @@ PLAIN_ADDRESS = re.compile(
 )
 
 
-async def _mail(smtp: aiosmtplib.SMTP, sender: str) -> None:
+async def _mail(smtp: aiosmtplib.SMTP, sender: str) -> aiosmtplib.SMTPResponse:
     """MAIL FROM, as `smtp.mail` sends it; a plain address (or `<>`) without its parser. The
     session has had its EHLO (`_start_session`), which `smtp.mail` would otherwise send."""
     if sender and not PLAIN_ADDRESS.fullmatch(sender):
-        await smtp.mail(sender)
-        return
+        return await smtp.mail(sender)
     response = await smtp.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">")
     if response.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    return response
 
 
 async def _rcpt(smtp: aiosmtplib.SMTP, recipient: str) -> aiosmtplib.SMTPResponse:
@@ -480,7 +480,7 @@ async def _one_by_one(
     accepted. Refusals are replies; a lost connection or a timeout raises (`_GoneAtMail` when
     MAIL met it)."""
     try:
-        await _mail(smtp, sender)
+        mail = await _mail(smtp, sender)
     except aiosmtplib.SMTPSenderRefused as exc:
         return _Exchange(aiosmtplib.SMTPResponse(exc.code, exc.message), [], None)
     except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:
@@ -492,15 +492,12 @@ async def _one_by_one(
         except aiosmtplib.SMTPRecipientRefused as exc:
             rcpts.append(aiosmtplib.SMTPResponse(exc.code, exc.message))
     if not any(_accepts(r) for r in rcpts):
-        return _Exchange(_MAIL_OK, rcpts, None)
+        return _Exchange(mail, rcpts, None)
     try:
         final = await smtp.data(content, timeout=timeouts.data)
     except aiosmtplib.SMTPDataError as exc:
         final = aiosmtplib.SMTPResponse(exc.code, exc.message)
-    return _Exchange(_MAIL_OK, rcpts, final)
-
-
-_MAIL_OK = aiosmtplib.SMTPResponse(aiosmtplib.SMTPStatus.completed, "OK")
+    return _Exchange(mail, rcpts, final)
 
 
 class _GoneAtMail(Exception):
