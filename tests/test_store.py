@@ -24,8 +24,10 @@ from store import (
     StorageFull,
     Submission,
 )
+from store.db import connect_writer
 from store.intake import header_block, normalise_line_endings
-from store.migrate import migrations
+from store.migrate import apply_migrations, migrations
+from store.sql import Q
 
 CONTENT = b"From: a@acme.test\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -282,3 +284,31 @@ async def test_priority_goes_first_but_overdue_low_priority_mail_is_not_starved(
     claimed = [j.recipients[0].email for _ in range(2)
                for j in await spool.claim_due(1, 1, lease=60, now=later, aging=300)]
     assert "low@big.test" in claimed
+
+
+def test_due_destinations_are_the_domains_with_a_due_unit(tmp_path: Path):
+    """The claim's skip-scan finds exactly the domains a plain DISTINCT over due units finds."""
+    conn = connect_writer(tmp_path / "spool.db", 5.0)
+    apply_migrations(conn)
+    conn.execute(
+        "INSERT INTO messages (id, created_at, source, mail_from, from_header, subject, size,"
+        " body, tags, metadata, message_type) VALUES ('m', 0, 'api', 'a@b.test', '', '', 1,"
+        " x'00', '[]', '{}', 'transactional')"
+    )
+    # Per domain: units waiting until 10, 20 or 30, units with no due time (final), or none.
+    waits = {f"d{i}.test": [None, 10.0, 20.0, 30.0][i % 4 :: 2] for i in range(12)}
+    waits["final.test"] = [None, None]
+    conn.executemany(
+        "INSERT INTO recipients (message_seq, email, domain, status, priority, due_at,"
+        " updated_at) VALUES (1, ?, ?, 'queued', 0, ?, 0)",
+        [(f"u{n}@{domain}", domain, due) for domain, dues in waits.items()
+         for n, due in enumerate(dues)],
+    )
+    for now in (0.0, 10.0, 15.0, 20.0, 30.0, 99.0):
+        plain = [r[0] for r in conn.execute(
+            "SELECT DISTINCT domain FROM recipients WHERE due_at <= ? ORDER BY domain", (now,))]
+        found = [r[0] for r in conn.execute(Q["due_destinations"], {"now": now, "limit": 100})]
+        assert found == plain, now
+        assert [r[0] for r in conn.execute(Q["due_destinations"], {"now": now, "limit": 2})] == (
+            plain[:2])
+    conn.close()
