@@ -528,35 +528,40 @@ async def _pipelined(
     previous = transport.get_protocol()
     replies = _Replies(previous)
     transport.set_protocol(replies)
+    write = cast(asyncio.WriteTransport, transport).write
+    at_mail = True  # nothing has been answered yet: a lost connection may be a stale session
     try:
-        commands = [b"MAIL FROM:<" + sender.encode("ascii") + b">"]
-        commands.extend(b"RCPT TO:<" + email.encode("ascii") + b">" for _, email in recipients)
-        commands.append(b"DATA")
-        waiting = [replies.expect() for _ in commands]
-        cast(asyncio.WriteTransport, transport).write(b"\r\n".join(commands) + b"\r\n")
-        try:
-            async with asyncio.timeout(timeouts.command):
-                mail = await waiting[0]
-        except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:  # TimeoutError is one
-            raise _GoneAtMail(exc) from exc
-        async with asyncio.timeout(timeouts.command):
+        # One deadline, moved on for the reply after the final dot (one timer, not three).
+        async with asyncio.timeout(timeouts.command) as deadline:
+            commands = [b"MAIL FROM:<" + sender.encode("ascii") + b">"]
+            commands.extend(b"RCPT TO:<" + email.encode("ascii") + b">" for _, email in recipients)
+            commands.append(b"DATA")
+            waiting = [replies.expect() for _ in commands]
+            write(b"\r\n".join(commands) + b"\r\n")
+            mail = await waiting[0]
+            at_mail = False
             rcpts = [await w for w in waiting[1:-1]]
             data = await waiting[-1]
-        if data.code != aiosmtplib.SMTPStatus.start_input:
-            return _Exchange(mail, rcpts, data)
-        final = replies.expect()
-        if mail.code != aiosmtplib.SMTPStatus.completed or not any(_accepts(r) for r in rcpts):
-            # DATA should have been refused with no recipient (RFC 2920 §3.1): end it empty.
-            cast(asyncio.WriteTransport, transport).write(b".\r\n")
-            async with asyncio.timeout(timeouts.data):
+            if data.code != aiosmtplib.SMTPStatus.start_input:
+                return _Exchange(mail, rcpts, data)
+            final = replies.expect()
+            deadline.reschedule(asyncio.get_running_loop().time() + timeouts.data)
+            if mail.code != aiosmtplib.SMTPStatus.completed or not any(map(_accepts, rcpts)):
+                # DATA should have been refused with no recipient (RFC 2920 §3.1): end it empty.
+                write(b".\r\n")
                 await final
-            return _Exchange(mail, rcpts, None)
-        body = _DOT_LINES.sub(b"..", content)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        cast(asyncio.WriteTransport, transport).write(body + b".\r\n")
-        async with asyncio.timeout(timeouts.data):
+                return _Exchange(mail, rcpts, None)
+            body = content
+            if body.startswith(b".") or b"\n." in body:
+                body = _DOT_LINES.sub(b"..", body)
+            if not body.endswith(b"\r\n"):
+                body += b"\r\n"
+            write(body + b".\r\n")
             return _Exchange(mail, rcpts, await final)
+    except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:  # TimeoutError is an OSError
+        if at_mail:
+            raise _GoneAtMail(exc) from exc
+        raise
     finally:
         if not transport.is_closing() and transport.get_protocol() is replies:
             transport.set_protocol(previous)
@@ -570,14 +575,14 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, previous: asyncio.BaseProtocol) -> None:
         self._previous = previous
+        self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._waiting: deque[asyncio.Future[aiosmtplib.SMTPResponse]] = deque()
         self._lines: list[bytes] = []
+        self._size = 0  # of the reply being read, in bytes
 
     def expect(self) -> asyncio.Future[aiosmtplib.SMTPResponse]:
-        future: asyncio.Future[aiosmtplib.SMTPResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
+        future: asyncio.Future[aiosmtplib.SMTPResponse] = self._loop.create_future()
         self._waiting.append(future)
         return future
 
@@ -609,13 +614,14 @@ class _Replies(asyncio.Protocol):
             )
             return False
         self._lines.append(line[4:].strip(b" \t\r\n"))
-        if sum(len(t) for t in self._lines) > _MAX_REPLY:
+        self._size += len(line)
+        if self._size > _MAX_REPLY:
             self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
             return False
         if line[3:4] == b"-":
             return True
         message = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
-        self._lines = []
+        self._lines, self._size = [], 0
         if not self._waiting:  # a reply nobody asked for: the session is out of step
             self._fail(aiosmtplib.SMTPResponseException(-1, f"Unexpected reply: {code}"))
             return False
