@@ -3,8 +3,9 @@
 Owns turning a validated `SendRequest` into bytes with the standard library's `EmailMessage`:
 text, html or multipart/alternative; inline images (`content_id`) as multipart/related beside the
 html; attachments as multipart/mixed; encoded UTF-8 headers; `Date` and `Message-ID`; rendered
-with `policy.SMTP`, so line endings are CRLF. Headers are never built by string formatting. The
-envelope is to + cc + bcc; Bcc never appears in the headers.
+with `policy.SMTP`, so line endings are CRLF. Headers are never built by string formatting from
+unchecked text: only a value of printable ASCII words, which cannot hold CR or LF, is written as
+`Name: value` (see below). The envelope is to + cc + bcc; Bcc never appears in the headers.
 
 Most requests are one text part, one html part or both, without attachments. For those,
 `_compose_parts` writes the same bytes the email package would, byte for byte, without building

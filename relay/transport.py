@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import aiosmtplib
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, PERIOD_REGEX
 
 from relay.outcome import make_reply
 from store import Reply
@@ -507,7 +508,6 @@ class _GoneAtMail(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
-_DOT_LINES = re.compile(rb"(?m)^\.")
 
 
 async def _pipelined(
@@ -551,9 +551,11 @@ async def _pipelined(
                 write(b".\r\n")
                 await final
                 return _Exchange(mail, rcpts, None)
+            # Intake stored the content with CRLF line endings (normalised once, DESIGN), which
+            # aiosmtplib's data() would normalise again; only its dot-stuffing is needed.
             body = content
             if body.startswith(b".") or b"\n." in body:
-                body = _DOT_LINES.sub(b"..", body)
+                body = PERIOD_REGEX.sub(b"..", body)
             if not body.endswith(b"\r\n"):
                 body += b"\r\n"
             write(body + b".\r\n")
@@ -600,7 +602,7 @@ class _Replies(asyncio.Protocol):
             del self._buffer[: end + 1]
             if not self._line(line):
                 return
-        if len(self._buffer) > _MAX_REPLY:
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
             self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
 
     def _line(self, line: bytes) -> bool:
@@ -615,7 +617,7 @@ class _Replies(asyncio.Protocol):
             return False
         self._lines.append(line[4:].strip(b" \t\r\n"))
         self._size += len(line)
-        if self._size > _MAX_REPLY:
+        if self._size > MAX_RESPONSE_LENGTH:
             self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
             return False
         if line[3:4] == b"-":
@@ -647,9 +649,6 @@ class _Replies(asyncio.Protocol):
         self._fail(lost)
         self._previous.connection_lost(exc)
 
-
-#: As aiosmtplib bounds a reply, so that a server streaming one endless line cannot fill memory.
-_MAX_REPLY = 8192 * 4
 
 
 def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:

@@ -89,6 +89,12 @@ _HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
 #: An unstructured value whose decoded text is the value itself: printable ASCII and blanks,
 #: and no encoded-word (`=?`) to decode.
 _PLAIN_TEXT = re.compile(r"[\x20-\x7e\t]*")
+#: Fields whose text the header registry rewrites (addresses are rendered anew, dates
+#: reformatted): `HeaderFields.text` always parses these.
+_STRUCTURED = frozenset(
+    name for name, cls in HeaderRegistry().registry.items()
+    if not issubclass(cls, UnstructuredHeader)
+)
 
 
 class HeaderFields:
@@ -131,13 +137,6 @@ class HeaderFields:
                 return str(DEFAULT_POLICY.header_fetch_parse(k, v))
         return ""
 
-
-#: Fields whose text the header registry rewrites (addresses are rendered anew, dates
-#: reformatted): `HeaderFields.text` always parses these.
-_STRUCTURED = frozenset(
-    name for name, cls in HeaderRegistry().registry.items()
-    if not issubclass(cls, UnstructuredHeader)
-)
 
 
 def read_fields(block: bytes, names: Iterable[str]) -> HeaderFields:

@@ -13,7 +13,8 @@ import pytest
 
 from store import Message, RecipientStatus, Source, Submission
 from tests.conftest import Running
-from tests.support import DnsServer, MxSink, wait_until
+from tests.support import DnsServer, MxSink
+from tests.test_delivery import settled as settled_message
 
 CONTENT = b"From: app@acme.test\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n"
 
@@ -83,16 +84,11 @@ async def scripted(dns: DnsServer, mx_sink: MxSink) -> AsyncIterator[ScriptedMx]
 
 
 async def settled(postroom: Running, *recipients: str) -> Message:
+    """Accept CONTENT for `recipients` and wait until every one is final."""
     accepted = await postroom.spool.accept(
         Submission("app@acme.test", recipients, CONTENT, Source.API)
     )
-
-    async def check() -> Message | None:
-        message = await postroom.spool.get_message(accepted.id)
-        return message if all(r.status.is_final for r in message.recipients) else None
-
-    result: Message = await wait_until(check, message=f"{accepted.id} never settled")
-    return result
+    return await settled_message(postroom, accepted.id)
 
 
 async def test_mail_rcpt_and_data_go_in_one_write(postroom: Running, scripted: ScriptedMx):
