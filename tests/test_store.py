@@ -223,6 +223,7 @@ async def test_accept_many_refuses_items_alone_and_commits_the_rest(
     assert isinstance(results[3], IdempotencyConflict)
     assert spool_rows(tmp_path, "messages") == 2
     assert spool_rows(tmp_path, "recipients") == 2
+    assert spool_rows(tmp_path, "events") == 2  # one email.queued each, none for the refused
     assert spool_rows(tmp_path, "idempotency_keys") == 1
 
 
