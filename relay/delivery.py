@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from config import RouteSettings, Settings
 from relay import bounce
+from relay.deadlines import Deadline
 from relay.dkim import DkimError, KeyRing, SignWith, sign_here
 from relay.mx import MxResolver, screen
 from relay.outcome import decide, not_attempted
@@ -232,9 +233,9 @@ class DeliveryEngine:
         result: SessionResult | NotAttempted
         unreachable = False
         try:
-            # asyncio.timeout, not wait_for: no second task per attempt (Python 3.11's wait_for
-            # wraps the coroutine in one)
-            async with asyncio.timeout(self._settings.delivery.attempt_timeout):
+            # A Deadline, not wait_for (Python 3.11's wraps the coroutine in a second task) nor
+            # asyncio.timeout (a loop timer armed and cancelled per attempt): relay/deadlines.py
+            async with Deadline(self._settings.delivery.attempt_timeout):
                 result, unreachable = await self._deliver(job)
         except asyncio.CancelledError:
             # Shutdown cut the attempt short: the units go back, due now.

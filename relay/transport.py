@@ -26,6 +26,7 @@ from typing import Literal, cast
 import aiosmtplib
 from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, PERIOD_REGEX
 
+from relay.deadlines import Deadline
 from relay.outcome import make_reply
 from store import Reply
 
@@ -531,8 +532,8 @@ async def _pipelined(
     write = cast(asyncio.WriteTransport, transport).write
     at_mail = True  # nothing has been answered yet: a lost connection may be a stale session
     try:
-        # One deadline, moved on for the reply after the final dot (one timer, not three).
-        async with asyncio.timeout(timeouts.command) as deadline:
+        # One deadline, moved on for the reply after the final dot, on the shared timer.
+        async with Deadline(timeouts.command) as deadline:
             commands = [b"MAIL FROM:<" + sender.encode("ascii") + b">"]
             commands.extend(b"RCPT TO:<" + email.encode("ascii") + b">" for _, email in recipients)
             commands.append(b"DATA")
@@ -545,7 +546,7 @@ async def _pipelined(
             if data.code != aiosmtplib.SMTPStatus.start_input:
                 return _Exchange(mail, rcpts, data)
             final = replies.expect()
-            deadline.reschedule(asyncio.get_running_loop().time() + timeouts.data)
+            deadline.move_to(asyncio.get_running_loop().time() + timeouts.data)
             if mail.code != aiosmtplib.SMTPStatus.completed or not any(map(_accepts, rcpts)):
                 # DATA should have been refused with no recipient (RFC 2920 §3.1): end it empty.
                 write(b".\r\n")
