@@ -262,9 +262,17 @@ class DeliveryEngine:
             return
         self._log(job, outcomes, relay)
         remote = "" if isinstance(result, NotAttempted) or _is_unreachable(result) else result.host
-        await asyncio.shield(self._bounce(job, outcomes, remote))
+        emails = {r.id: r.email for r in job.recipients}
+        failed = bounce.failures_to_report(
+            self._settings.delivery.bounce_messages, job.source, job.mail_from,
+            [(emails[o.recipient_id], o.status, o.reply) for o in outcomes],
+        )
+        if failed:  # shielded only then: a shield is a task, and most attempts have no DSN
+            await asyncio.shield(self._bounce(job, failed, remote))
 
-    async def _bounce(self, job: DeliveryJob, outcomes: Sequence[Outcome], remote: str) -> None:
+    async def _bounce(
+        self, job: DeliveryJob, failed: tuple[bounce.FailedRecipient, ...], remote: str
+    ) -> None:
         """Queue a DSN for the recipients this attempt made final-failed (relay/bounce.py).
 
         Only after their outcomes are recorded: one DSN per attempt that failed recipients, the
@@ -273,13 +281,6 @@ class DeliveryEngine:
         sender so that it never bounces itself. Failing to queue it is logged and changes
         nothing about the original message. API mail gets none: events and webhooks report it.
         """
-        emails = {r.id: r.email for r in job.recipients}
-        failed = bounce.failures_to_report(
-            self._settings.delivery.bounce_messages, job.source, job.mail_from,
-            [(emails[o.recipient_id], o.status, o.reply) for o in outcomes],
-        )
-        if not failed:
-            return
         hostname = self._settings.server.hostname
         try:
             content = bounce.compose(

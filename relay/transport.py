@@ -172,9 +172,14 @@ class ConnectionCache:
         self._reuse_limit = reuse_limit
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle
-        self._idle: dict[_Key, list[tuple[_Session, asyncio.TimerHandle]]] = {}
+        #: Each key's waiting sessions, with the loop time each was checked in.
+        self._idle: dict[_Key, list[tuple[_Session, float]]] = {}
         self._count = 0
         self._closing: set[asyncio.Task[None]] = set()
+        # One sweep closes the sessions idle too long, run every quarter of the idle timeout
+        # while any waits (so one closes up to a quarter late): a timer per check-in, armed and
+        # cancelled for every message delivered, cost more than the sweep.
+        self._sweep: asyncio.TimerHandle | None = None
 
     @property
     def idle(self) -> int:
@@ -185,9 +190,8 @@ class ConnectionCache:
         """A cached session for `key` (it is the caller's now), or None."""
         waiting = self._idle.get(key)
         while waiting:
-            session, timer = waiting.pop()
+            session, _ = waiting.pop()
             self._count -= 1
-            timer.cancel()
             if session.smtp.is_connected:
                 return session
             session.smtp.close()
@@ -202,23 +206,28 @@ class ConnectionCache:
             or not session.smtp.is_connected
         ):
             return False
-        timer = asyncio.get_running_loop().call_later(
-            self._idle_timeout, self._expire, key, session
-        )
-        self._idle.setdefault(key, []).append((session, timer))
+        loop = asyncio.get_running_loop()
+        self._idle.setdefault(key, []).append((session, loop.time()))
         self._count += 1
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._idle_timeout / 4, self._expire)
         return True
 
-    def _expire(self, key: _Key, session: _Session) -> None:
-        waiting = self._idle.get(key, [])
-        for i, (cached, _) in enumerate(waiting):
-            if cached is session:
-                del waiting[i]
-                self._count -= 1
-                break
-        if not waiting:
-            self._idle.pop(key, None)
-        self._quit(session)
+    def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self._idle_timeout
+        for key in list(self._idle):
+            waiting = self._idle[key]
+            kept = [(session, at) for session, at in waiting if at > since]
+            for session, at in waiting:
+                if at <= since:
+                    self._count -= 1
+                    self._quit(session)
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        self._sweep = loop.call_later(self._idle_timeout / 4, self._expire) if self._count else None
 
     def _quit(self, session: _Session) -> None:
         task = asyncio.get_running_loop().create_task(_quit(session.smtp), name="smtp quit")
@@ -227,9 +236,11 @@ class ConnectionCache:
 
     async def close(self) -> None:
         """Say QUIT on every cached session and forget them (the engine's stop)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for waiting in self._idle.values():
-            for session, timer in waiting:
-                timer.cancel()
+            for session, _ in waiting:
                 self._quit(session)
         self._idle.clear()
         self._count = 0
