@@ -6,7 +6,7 @@ the sender domains a key is restricted to (envelope sender, From: and Sender: al
 message stored once with its tags, metadata and schedule, one delivery unit per recipient, an
 `email.queued` (or `email.scheduled`) event per recipient and the idempotency key's row — all in
 one writer job, so the caller's `250`/`202` follows the commit that holds them. A batch is a few
-large writer jobs, each message inside its own savepoint.
+large writer jobs, each message refused alone (a refusal comes before its first write).
 """
 
 from __future__ import annotations
