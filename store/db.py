@@ -44,6 +44,10 @@ def create_private(path: Path) -> None:
     os.close(fd)
 
 
+#: Bytes of WAL file kept after a checkpoint (store/checkpoint.py runs them for the service).
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
     """The one write connection; used only from the writer's thread after this call."""
     create_private(path)
@@ -65,7 +69,7 @@ def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
     conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     # Bound the WAL file after checkpoints so a burst does not leave a huge file behind.
-    conn.execute("PRAGMA journal_size_limit=67108864")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     return conn
 
 

@@ -6,7 +6,8 @@ transaction — each inside its own SAVEPOINT, so a failing job is rolled back a
 its own caller — commits once (one fsync for the whole batch) and only then resolves the callers'
 futures. The longer a commit takes, the more jobs the next one carries: durability stays cheap on
 slow disks. Running the batch on one thread (as datasette does) costs one thread hop per batch
-rather than one per statement.
+rather than one per statement. WAL checkpoints run on a thread of their own
+(store/checkpoint.py), so that no commit waits for one.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+from store.checkpoint import Checkpointer
+from store.db import JOURNAL_SIZE_LIMIT
 from store.errors import SpoolClosed, StorageFull, StoreError
 from store.observer import NullObserver, SpoolObserver
 
@@ -50,6 +54,7 @@ class Writer:
         self.is_healthy = True  # False after a failed commit, until one succeeds
         #: Told about every group commit, on this writer's thread (store/observer.py).
         self.observer: SpoolObserver = NullObserver()
+        self._checkpointer = _start_checkpointer(conn)
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
@@ -91,6 +96,8 @@ class Writer:
                     break
                 batch.append(item)
             self._commit(batch)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()  # first: the last connection to close checkpoints all
         self._conn.close()
 
     def _commit(self, batch: list[_Pending]) -> None:
@@ -131,6 +138,8 @@ class Writer:
             # Only a commit that wrote something proves the spool can commit again: the
             # engine's empty claims keep committing on a full disk.
             self.is_healthy = True
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
         elapsed = time.perf_counter() - started
         self._report(lambda: self.observer.committed(len(batch), elapsed))
         for pending, result, job_error in results:
@@ -147,6 +156,21 @@ class Writer:
     def _rollback_job(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK TO job")
         conn.execute("RELEASE job")
+
+
+def _start_checkpointer(conn: sqlite3.Connection) -> Checkpointer | None:
+    """A checkpointer for the writer's database, and the automatic checkpoint off; None (and
+    SQLite's own checkpoints, inside commits) when its connection cannot be opened."""
+    path = next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if not path:  # an in-memory database has no WAL
+        return None
+    try:
+        checkpointer = Checkpointer(Path(path), JOURNAL_SIZE_LIMIT)
+    except (sqlite3.Error, OSError) as exc:
+        logger.warning("spool checkpoints stay inside commits: %s", exc)
+        return None
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    return checkpointer
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

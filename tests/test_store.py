@@ -55,6 +55,26 @@ async def test_wal_and_full_sync_on_the_writer(tmp_path: Path, spool: Spool):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+async def test_the_wal_is_checkpointed_into_the_database_while_the_spool_is_open(
+    tmp_path: Path, spool: Spool
+):
+    # Commits no longer checkpoint (store/checkpoint.py does, on its own thread): the messages
+    # must still reach the database file itself, not only pile up in the WAL until close.
+    database = tmp_path / "spool.sqlite3"
+    before = database.stat().st_size
+    body = CONTENT + b"x" * 20_000 + b"\r\n"
+    for i in range(10):
+        await spool.accept_many(
+            [submission(f"u{i}-{j}@example.test", content=body) for j in range(20)]
+        )
+    for _ in range(100):
+        if database.stat().st_size > before + 2_000_000:
+            break
+        await asyncio.sleep(0.05)
+    assert database.stat().st_size > before + 2_000_000  # 4 MB of bodies, most copied in
+    assert await spool.integrity_check() == ["ok"]
+
+
 async def test_concurrent_accepts_commit_together_and_a_failing_job_fails_alone(
     tmp_path: Path, spool: Spool
 ):
