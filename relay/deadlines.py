@@ -57,12 +57,19 @@ _PER_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (
 )
 
 
+_last: Deadlines | None = None  # the last loop's, looked up first: a process runs one loop
+
+
 def deadlines() -> Deadlines:
     """The running loop's deadlines."""
+    global _last
     loop = asyncio.get_running_loop()
+    if _last is not None and _last._loop is loop:
+        return _last
     found = _PER_LOOP.get(loop)
     if found is None:
         found = _PER_LOOP[loop] = Deadlines(loop)
+    _last = found
     return found
 
 
