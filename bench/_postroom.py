@@ -310,6 +310,22 @@ def cpu_seconds(pid: int) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def wait_idle(pid: int, *, busy: float = 0.1, window: float = 0.5, limit: float = 60.0) -> float:
+    """Wait until `pid` and its workers use less than `busy` of a core over `window` seconds
+    (at most `limit` s); return the seconds waited. After a load, the private Postroom's engine
+    is still attempting (and deferring) what was accepted: a figure taken meanwhile measures
+    both."""
+    started = time.monotonic()
+    before = cpu_seconds(pid)
+    while before is not None and time.monotonic() - started < limit:
+        time.sleep(window)
+        now = cpu_seconds(pid)
+        if now is None or now - before < busy * window:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 # -- workers ------------------------------------------------------------------------------------
 
 

@@ -297,10 +297,17 @@ async def accept_many(
         except PolicyRejected as exc:
             results[index] = exc
     chunks = [jobs[i : i + BATCH_JOB_SIZE] for i in range(0, len(jobs), BATCH_JOB_SIZE)]
-    outcomes = await asyncio.gather(
-        *(writer.run(_BatchJob(tuple(job for _, job in chunk))) for chunk in chunks),
-        return_exceptions=True,
-    )
+    outcomes: list[list[_Stored | StoreError] | BaseException]
+    if len(chunks) == 1:  # every single send: no task for gather to wrap the one job in
+        try:
+            outcomes = [await writer.run(_BatchJob(tuple(job for _, job in chunks[0])))]
+        except StoreError as exc:
+            outcomes = [exc]
+    else:
+        outcomes = await asyncio.gather(
+            *(writer.run(_BatchJob(tuple(job for _, job in chunk))) for chunk in chunks),
+            return_exceptions=True,
+        )
     for chunk, outcome in zip(chunks, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             if not isinstance(outcome, StoreError):
