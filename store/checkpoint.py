@@ -34,7 +34,7 @@ class Checkpointer:
         self._conn.execute(f"PRAGMA journal_size_limit={journal_size_limit}")
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self.checkpoints = 0  # completed, for tests and curiosity
+        self._failing: str | None = None  # the error last logged, until a checkpoint succeeds
         self._thread = threading.Thread(target=self._run, name="spool-checkpoint", daemon=True)
         self._thread.start()
 
@@ -65,8 +65,12 @@ class Checkpointer:
         try:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
-            # A full disk or a lock held by another process: the WAL keeps every commit, and
-            # the next commit wakes this thread to try again.
-            logger.warning("spool checkpoint failed: %s", exc)
+            # A full disk, say: the WAL keeps every commit, and the next commit wakes this
+            # thread to try again. Logged once per kind of failure, not on every try.
+            if str(exc) != self._failing:
+                self._failing = str(exc)
+                logger.warning("spool checkpoint failed (the WAL keeps every commit): %s", exc)
             return
-        self.checkpoints += 1
+        if self._failing is not None:
+            self._failing = None
+            logger.info("spool checkpoints work again")

@@ -344,9 +344,9 @@ class _BatchJob:
     """Many accept jobs in one writer job, each message refused alone.
 
     No savepoint per message: an accept job refuses before its first write (`_AcceptJob`), so a
-    refused message has written nothing. A savepoint each cost more than the message's own
-    inserts: SQLite copies every page a savepoint changes into a statement journal, about 20
-    pages a message, written to a temporary file.
+    refused message has written nothing. SQLite copies every page a savepoint changes into a
+    statement journal, about 20 pages a message: with a savepoint each, the writer's work for a
+    10,000-item batch took 1.1-1.4 s, without 0.7-0.8 s.
     """
 
     jobs: tuple[_AcceptJob, ...]
