@@ -60,13 +60,6 @@ def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
         raise sqlite3.OperationalError(f"cannot enable WAL on {path} (journal_mode={mode})")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    # Each job runs in a savepoint, and SQLite copies every page a savepoint changes into a
-    # statement journal: a temporary file once it passes 64 KiB, which one accepted message
-    # does (about 20 pages). In memory, a released savepoint's copies are dropped at once; what
-    # is held is bounded by the pages one job changes, and every job is bounded (batches are
-    # chunked, sweeps and queue commands go in small steps). A group commit of single messages
-    # spent 110-120 us a job with the file, 70 in memory.
-    conn.execute("PRAGMA temp_store=MEMORY")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     # Bound the WAL file after checkpoints so a burst does not leave a huge file behind.
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")

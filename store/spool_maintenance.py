@@ -21,7 +21,7 @@ class SpoolMaintenance(SpoolBase):
         """One batch of a retention sweep (store/retention.py); go on from `SweepStep.next`."""
         at = time.time() if now is None else now
         swept = await self._writer.run(
-            lambda conn: retention.sweep_job(conn, policy, cursor, limit, at)
+            lambda conn: retention.sweep_job(conn, policy, cursor, limit, at), bulk=True
         )
         if swept.expired:  # each expired suppression wrote a `suppression.deleted`
             suppressions.log_changes(swept.expired)
@@ -37,7 +37,9 @@ class SpoolMaintenance(SpoolBase):
         open (damaged: left as they are); go on from `next_after` until it is None.
         """
         sealer = self._limits.sealer
-        return await self._writer.run(lambda conn: crypto.reseal_bodies(conn, sealer, after, limit))
+        return await self._writer.run(
+            lambda conn: crypto.reseal_bodies(conn, sealer, after, limit), bulk=True
+        )
 
     async def finish_reseal(self) -> crypto.KeysResealed:
         """Re-encrypt the DKIM keys and write the key check for the current key; the domains

@@ -76,7 +76,8 @@ class SpoolQueue(SpoolBase):
         done = await self._writer.run(
             lambda conn: queue.cancel_job(
                 conn, message_id, domain, limit, time.time(), store_content=store_content
-            )
+            ),
+            bulk=True,
         )
         queue.log_cancelled(done.units)
         if done.result.cancelled:
@@ -96,5 +97,5 @@ class SpoolQueue(SpoolBase):
         Go on from `PurgeBatch.next_after` until it is None.
         """
         return await self._writer.run(
-            lambda conn: queue.purge_job(conn, statuses, cutoff, after, limit)
+            lambda conn: queue.purge_job(conn, statuses, cutoff, after, limit), bulk=True
         )

@@ -75,6 +75,17 @@ async def test_the_wal_is_checkpointed_into_the_database_while_the_spool_is_open
     assert await spool.integrity_check() == ["ok"]
 
 
+async def test_bulk_jobs_keep_their_statement_journal_in_a_file(spool: Spool):
+    # Small jobs keep the copies their savepoints make in memory (cheap); a job that frees or
+    # rewrites many bodies (sweeps, purges, re-encryption) would hold a copy of each body there.
+    def journal(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA temp_store").fetchone()[0])
+
+    assert await spool._writer.run(journal) == 2  # MEMORY
+    assert await spool._writer.run(journal, bulk=True) == 1  # FILE
+    assert await spool._writer.run(journal) == 2  # and back for the next small one
+
+
 async def test_concurrent_accepts_commit_together_and_a_failing_job_fails_alone(
     tmp_path: Path, spool: Spool
 ):
