@@ -8,6 +8,7 @@ timers in C: in bench/deliver.py the service spent 12% less CPU per message deli
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
@@ -53,3 +54,17 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoop) -> T:
 def name_of(loop: asyncio.AbstractEventLoop) -> str:
     """"uvloop" or "asyncio": what the ready log line says the service runs on."""
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def settle_heap() -> None:
+    """Once start-up is done: collect, then move every object it made (modules, the settings,
+    the app, pydantic's schemas) out of the cyclic collector's reach (`gc.freeze()`).
+
+    Otherwise each full collection walks all of them again: under bench/accept_http.py, 12-13
+    full collections in 10 s took 52-80 ms each in the service (7.7% of its time, each one a
+    stall every request in flight waits out). After the freeze they take 2-5 ms. Reference
+    counting still frees what start-up made; only a cycle among those objects that dies later
+    (the settings a reload replaces) stays, once.
+    """
+    gc.collect()
+    gc.freeze()

@@ -157,6 +157,7 @@ async def run(fd: int) -> int:
         return None
 
     served = asyncio.create_task(channel.serve(handle), name="channel")
+    eventloop.settle_heap()
     channel.notify("ready", index)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([served, stopping], return_when=asyncio.FIRST_COMPLETED)

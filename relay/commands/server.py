@@ -125,6 +125,7 @@ def serve(ctx: click.Context) -> None:
             click.echo(f"SMTP with implicit TLS: {smtps}")
         click.echo(f"Create an API key: postroom{config_hint} keys create --name NAME")
         sys.stdout.flush()
+        eventloop.settle_heap()
 
     try:
         eventloop.run(Service(settings).run(on_ready=announce), settings.server.event_loop)
