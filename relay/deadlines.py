@@ -13,7 +13,6 @@ up to one tick late: fine for SMTP timeouts counted in seconds.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from types import TracebackType
 
 #: How often open deadlines are checked, in seconds: how late one may fire at most.
@@ -52,25 +51,18 @@ class Deadlines:
         self._timer = self._loop.call_later(TICK, self._expire) if self._open else None
 
 
-_PER_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-_last: Deadlines | None = None  # the last loop's, looked up first: a process runs one loop
+_current: Deadlines | None = None
 
 
 def deadlines() -> Deadlines:
-    """The running loop's deadlines."""
-    global _last
+    """The running loop's deadlines: a process runs one loop, so one object is kept, and a new
+    one made when the loop changes (tests). A deadline keeps the object it was entered with, so
+    one still open on an earlier loop is expired by that loop's own timer."""
+    global _current
     loop = asyncio.get_running_loop()
-    if _last is not None and _last._loop is loop:
-        return _last
-    found = _PER_LOOP.get(loop)
-    if found is None:
-        found = _PER_LOOP[loop] = Deadlines(loop)
-    _last = found
-    return found
+    if _current is None or _current._loop is not loop:
+        _current = Deadlines(loop)
+    return _current
 
 
 class Deadline:

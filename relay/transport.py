@@ -217,10 +217,11 @@ class ConnectionCache:
         loop = asyncio.get_running_loop()
         since = loop.time() - self._idle_timeout
         for key in list(self._idle):
-            waiting = self._idle[key]
-            kept = [(session, at) for session, at in waiting if at > since]
-            for session, at in waiting:
-                if at <= since:
+            kept = []
+            for session, at in self._idle[key]:
+                if at > since:
+                    kept.append((session, at))
+                else:
                     self._count -= 1
                     self._quit(session)
             if kept:

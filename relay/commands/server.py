@@ -125,7 +125,7 @@ def serve(ctx: click.Context) -> None:
             click.echo(f"SMTP with implicit TLS: {smtps}")
         click.echo(f"Create an API key: postroom{config_hint} keys create --name NAME")
         sys.stdout.flush()
-        eventloop.settle_heap()
+        eventloop.settle_heap()  # start-up is over: what it made is frozen (relay/eventloop.py)
 
     try:
         eventloop.run(Service(settings).run(on_ready=announce), settings.server.event_loop)
