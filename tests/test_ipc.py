@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -75,3 +77,53 @@ async def test_calls_in_flight_end_when_the_other_side_goes(pair: tuple[Channel,
         await asyncio.wait_for(pending, 5)
     with pytest.raises(ChannelClosed):
         await caller.call("double", 1)
+
+
+async def test_frames_larger_than_a_read_and_many_frames_in_one_read_arrive_whole(
+    pair: tuple[Channel, Channel],
+):
+    caller, _ = pair
+    big = bytes(range(256)) * 40_000  # 10 MB: many reads on the way there and back
+    assert await caller.call("double", big) == big * 2
+    # Many calls sent in one turn of the loop travel in one write and are cut apart again.
+    answers = await asyncio.gather(*(caller.call("double", n) for n in range(500)))
+    assert answers == [n * 2 for n in range(500)]
+
+
+async def test_a_frame_that_does_not_unpickle_closes_the_channel_and_fails_its_calls():
+    ours, theirs = socket.socketpair()
+    caller = await Channel.over(ours)
+    serving = asyncio.create_task(caller.serve(lambda op, args: None))
+    pending = asyncio.create_task(caller.call("double", 1))
+    await asyncio.sleep(0.05)
+    theirs.sendall(b"\x00\x00\x00\x05junk!")  # a whole frame, but not a pickle
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(pending, 5)
+    await asyncio.wait_for(serving, 5)  # serving ends, without raising
+    assert caller.is_closed
+    theirs.close()
+
+
+async def test_a_read_that_ends_inside_a_frame_keeps_the_rest_for_the_next():
+    ours, theirs = socket.socketpair()
+    notes: list[Any] = []
+    channel = await Channel.over(ours)
+    serving = asyncio.create_task(channel.serve(lambda op, args: notes.append((op, *args))))
+
+    def note(n: int) -> bytes:  # a note frame as the other process writes it
+        data = pickle.dumps((3, 0, "note", (n, b"x" * 1000)), pickle.HIGHEST_PROTOCOL)
+        return struct.pack(">I", len(data)) + data
+
+    wire = note(1) + note(2) + note(3)
+    cut = len(note(1)) + 500  # the first read: one whole frame and half the next
+    theirs.sendall(wire[:cut])
+    await asyncio.sleep(0.1)
+    assert [n[1] for n in notes] == [1]
+    theirs.sendall(wire[cut:cut + 2])  # then a sliver
+    await asyncio.sleep(0.1)
+    theirs.sendall(wire[cut + 2:])
+    await asyncio.sleep(0.1)
+    assert [(op, n, len(x)) for op, n, x in notes] == [("note", n, 1000) for n in (1, 2, 3)]
+    theirs.close()
+    await asyncio.wait_for(serving, 5)
+    assert channel.is_closed
