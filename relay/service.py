@@ -38,6 +38,7 @@ from relay.delivery import DeliveryEngine
 from relay.dkim import sign_here
 from relay.domains import Domains
 from relay.frontdoor import LocalDoor
+from relay.http_protocol import JoinedWritesProtocol
 from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
@@ -210,7 +211,7 @@ class Service:
             api_host, api_port = parse_address(settings.api.listen)
             config = uvicorn.Config(
                 app, host=api_host, port=api_port, lifespan="off", access_log=False,
-                log_config=None, server_header=False,
+                log_config=None, server_header=False, http=JoinedWritesProtocol,
             )
             api_server = _Server(config, "api.listen")
             tasks["api"] = asyncio.create_task(api_server.serve(), name="api")
@@ -353,6 +354,7 @@ class Service:
         config = uvicorn.Config(
             create_public_app(self.spool, settings, self.readiness), host=host, port=port,
             lifespan="off", access_log=False, log_config=None, server_header=False,
+            http=JoinedWritesProtocol,
         )
         server = _Server(config, "api.public_listen")
         tasks["public-api"] = asyncio.create_task(server.serve(), name="public-api")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
+import json
 from email.policy import default as default_policy
 
 from store import Scope
@@ -195,3 +197,26 @@ async def test_event_ids_beyond_sqlite_integers_are_malformed_not_500(start):
         assert listed.status_code == 200 and listed.json()["data"] == [], listed.text
         replayed = await http.post(replay, json={"event_id": "evt_7fffffffffffffff"})
         assert replayed.status_code == 202 and replayed.json() == {"queued": 0}, replayed.text
+
+
+async def test_answers_arrive_whole_on_a_closing_and_on_a_kept_connection(postroom: Running):
+    """Each response is written at the end of the loop turn that wrote it: a connection the
+    client asks to close still gets its whole answer first, and one kept open gets each answer
+    of a pipelined pair in order."""
+    host, port = postroom.service.api_address or ("", 0)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+                 b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(-1), 10)  # until the server closes
+    writer.close()
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"200 ")
+        length = int(next(
+            line.split(b":")[1] for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ))
+        assert len(body) == length and json.loads(body)
+    assert b"connection: close" in answers[1].lower()
