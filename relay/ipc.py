@@ -288,6 +288,3 @@ class Channel:
         if self._transport is not None:
             with contextlib.suppress(Exception):
                 self._transport.close()
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._ended)
