@@ -37,6 +37,7 @@ from api.types import (
     DomainTools,
     MetricsExporter,
     ReadinessProbe,
+    ServiceLink,
     WebhookGateway,
 )
 from config import Settings
@@ -49,7 +50,10 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    ready = state.readiness.is_ready
+    if state.link is not None and not state.readiness.is_stopping:
+        ready = await state.link.is_ready()  # a worker process: the spool's health is there
+    else:
+        ready = state.readiness.is_ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -110,6 +114,7 @@ def create_app(
     metrics_exporter: MetricsExporter | None = None,
     domain_tools: DomainTools | None = None,
     cpu_pool: CpuPool | None = None,
+    link: ServiceLink | None = None,
 ) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -146,6 +151,7 @@ def create_app(
         limits=RateLimits(settings.api.auth_failures_per_minute, time.monotonic),
         domain_tools=domain_tools,
         cpu_pool=cpu_pool,
+        link=link,
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(ShutdownGate, readiness=readiness)

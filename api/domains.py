@@ -26,7 +26,7 @@ from store import DomainKeys, Scope, UnreadableKeys
 
 async def _state(request: Request) -> AppState:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     return state
 
 

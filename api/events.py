@@ -61,7 +61,7 @@ def parse_limit(value: str | None, default: int = 50) -> int:
 
 async def list_events(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     where = parse_filter(request.query_params)
     after = parse_cursor(request.query_params.get("after"), "after") or 0
     limit = parse_limit(request.query_params.get("limit"))
@@ -82,7 +82,7 @@ async def list_events(request: Request) -> JSONResponse:
 async def stream_events(request: Request) -> StreamingResponse:
     """SSE: `id:` is the event id; reconnecting with `Last-Event-ID` resumes after it."""
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     # authenticate() accepted the header's Bearer secret; the stream checks that same secret again.
     secret = request.headers["authorization"].partition(" ")[2].strip()
     where = parse_filter(request.query_params)

@@ -98,7 +98,7 @@ def parse_query(query: QueryParams) -> MessageQuery:
 
 async def list_messages(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     query = parse_query(request.query_params)
     # One more than asked tells whether another page follows, without a count.
     wanted = dataclasses.replace(query, limit=query.limit + 1)
@@ -133,7 +133,7 @@ def _explain(change: MessageChange, verb: str, slug: str) -> ApiError:
 
 async def cancel_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     change = await state.spool.cancel_message(request.path_params["id"])
     if not change.changed:
         raise _explain(change, "cancel", "not_cancellable")
@@ -142,7 +142,7 @@ async def cancel_message(request: Request) -> JSONResponse:
 
 async def patch_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     body = await read_json(request, MAX_OBJECT_BODY)
     if not isinstance(body, dict):
         raise ValidationFailed("the request body must be a JSON object")

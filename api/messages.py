@@ -368,7 +368,12 @@ def prepare_compat(
 
 
 async def send_items(state: AppState, principal: Principal, items: list[Item]) -> list[Result]:
-    """Hold keys, check recipient domains, accept the survivors together; results in order."""
+    """Hold keys, check recipient domains, accept the survivors together; results in order.
+
+    In a worker process, the service does this part (`AppState.link`): the items travel
+    validated and composed, and the answer comes after the service's commit."""
+    if state.link is not None:
+        return await state.link.send(principal, items)
     spool = state.spool
     async with spool.hold_idempotency_keys(principal, [i.key for i in items]) as verdicts:
         results: list[Result | None] = []
@@ -520,7 +525,7 @@ async def prepare_batch(
 
 async def send_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, state.spool, Scope.SEND)
+    principal = await authenticate(request, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
     context = await load_context(state.spool, [body])
@@ -531,7 +536,7 @@ async def send_message(request: Request) -> JSONResponse:
 
 async def send_batch(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, state.spool, Scope.SEND)
+    principal = await authenticate(request, Scope.SEND)
     bodies = await _read_batch(request, state)
     context = await load_context(state.spool, bodies)
     items = await prepare_batch(state, prepare, bodies, principal, time.time(), context)
@@ -540,7 +545,7 @@ async def send_batch(request: Request) -> JSONResponse:
 
 async def send_compat(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, state.spool, Scope.SEND)
+    principal = await authenticate(request, Scope.SEND)
     body = await read_json(request, state.settings.api.max_request_size)
     header = request.headers.get("idempotency-key")
     context = await load_context(state.spool, [body])
@@ -551,7 +556,7 @@ async def send_compat(request: Request) -> JSONResponse:
 
 async def send_compat_batch(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, state.spool, Scope.SEND)
+    principal = await authenticate(request, Scope.SEND)
     bodies = await _read_batch(request, state)
     context = await load_context(state.spool, bodies)
     items = await prepare_batch(state, prepare_compat, bodies, principal, time.time(), context)
@@ -560,6 +565,6 @@ async def send_compat_batch(request: Request) -> JSONResponse:
 
 async def get_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     message = await state.spool.get_message(request.path_params["id"])
     return JSONResponse(MessageOut.of(message).to_json())

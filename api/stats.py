@@ -21,7 +21,7 @@ DEFAULT_WINDOW = 7 * 86400.0
 
 async def get_stats(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     query = request.query_params
     until = parse_time(query, "until")
     until = time.time() if until is None else until  # the epoch itself is a valid bound

@@ -20,7 +20,7 @@ from store import NewSuppression, Scope, SuppressionFilter, SuppressionReason
 
 async def _state(request: Request) -> AppState:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     return state
 
 

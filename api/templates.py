@@ -18,7 +18,7 @@ from store import Scope
 
 async def _state(request: Request) -> AppState:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     return state
 
 

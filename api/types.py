@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from api.ratelimit import RateLimits
 from api.recipient_domains import RecipientDomains
 from config import Settings
-from store import AttemptResult, DnsRecord, DomainKeys, Spool, UrlRefusal, WebhookEndpoint
+from store import (
+    AttemptResult,
+    DnsRecord,
+    DomainKeys,
+    Principal,
+    Spool,
+    UrlRefusal,
+    WebhookEndpoint,
+)
+
+if TYPE_CHECKING:
+    from api.auth import KeyCheck
+    from api.messages import Item, Result
 
 
 class ReadinessProbe(Protocol):
@@ -68,6 +80,23 @@ class DomainTools(Protocol):
     async def verify(self, keys: DomainKeys) -> list[DnsRecord]: ...
 
 
+class ServiceLink(Protocol):
+    """The process that owns the spool, seen from the API in a worker (`api.in_workers`).
+
+    What must be decided in one place for the whole server is asked of it: the key lookup with
+    its rate limits (one bucket per key, however many processes serve the API), the send
+    pipeline after validation and composition (idempotency keys are held there, and `202`
+    follows its commit), and readiness (the spool's health is known there). The other routes
+    reach the spool through a `Spool` that forwards each call (api/remote.py).
+    """
+
+    async def check_key(self, client: str, secret: str) -> KeyCheck: ...
+
+    async def send(self, principal: Principal, items: list[Item]) -> list[Result]: ...
+
+    async def is_ready(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AppState:
     spool: Spool
@@ -83,3 +112,5 @@ class AppState:
     domain_tools: DomainTools | None = None
     #: None: every message is validated and composed in this process.
     cpu_pool: CpuPool | None = None
+    #: Set in a worker process: the service that owns the spool (None: this process owns it).
+    link: ServiceLink | None = None

@@ -41,7 +41,7 @@ def parse_id_param(value: str | None, field: str) -> int | None:
 
 async def _state(request: Request) -> AppState:
     state: AppState = request.app.state.postroom
-    await authenticate(request, state.spool, Scope.FULL)
+    await authenticate(request, Scope.FULL)
     return state
 
 

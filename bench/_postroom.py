@@ -36,6 +36,10 @@ from typing import IO, Any
 _WORKERS = os.environ.get("SMTP_WORKERS", "auto")
 _WORKERS_TOML = _WORKERS if _WORKERS.isdigit() else json.dumps(_WORKERS)
 
+#: `api.in_workers` of the private Postroom: the environment's API_IN_WORKERS ("true", the
+#: default, or "false") — `API_IN_WORKERS=false` measures the API in the service's own loop.
+_API_IN_WORKERS = os.environ.get("API_IN_WORKERS", "true").lower() not in ("0", "false", "no")
+
 #: `server.event_loop` of the private Postroom: the environment's EVENT_LOOP ("auto", the
 #: default, "uvloop" or "asyncio") — `EVENT_LOOP=asyncio` measures Python's own loop.
 _EVENT_LOOP = os.environ.get("EVENT_LOOP", "auto")
@@ -53,6 +57,7 @@ workers = {_WORKERS_TOML}
 
 [api]
 listen = "127.0.0.1:0"
+in_workers = {json.dumps(_API_IN_WORKERS)}
 # Nothing answers DNS here: the recipient-domain check would wait out the timeout.
 check_recipient_domains = false
 

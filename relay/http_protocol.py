@@ -1,5 +1,6 @@
-"""uvicorn's HTTP protocol with each response's writes joined into one (`api.listen` and
-`api.public_listen`).
+"""uvicorn as Postroom runs it: its server without signal handling, and its HTTP protocol with
+each response's writes joined into one (`api.listen` and `api.public_listen`, in the service or
+in the worker processes).
 
 uvicorn writes a response's status line and headers, then its body, each in a socket write of
 its own: two system calls, and on loopback two wake-ups of the client, for every JSON answer the
@@ -13,9 +14,50 @@ chunk at the end of the turn that wrote it. Closing or aborting writes what is h
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class StartupError(RuntimeError):
+    """Postroom cannot start with this configuration."""
+
+
+def os_reason(exc: OSError) -> str:
+    """The errno's own words (`address already in use`), not asyncio's longer sentence."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the service owns signals (STYLE.md gotcha 4)."""
+
+    def __init__(self, config: uvicorn.Config, setting: str) -> None:
+        super().__init__(config)
+        self.setting = setting  # where the address came from, for the start-up error
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn logs a bind error and calls sys.exit(3) from inside its task; SystemExit
+        # escapes the event loop at once, so it is turned into a StartupError here.
+        try:
+            await super().startup(sockets)
+        except SystemExit as exc:
+            address = f"{self.config.host}:{self.config.port}"
+            cause = exc.__context__
+            reason = os_reason(cause) if isinstance(cause, OSError) else "cannot listen"
+            raise StartupError(f"{self.setting} {address}: {reason}") from None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        return len(self.server_state.tasks)
 
 
 class _JoinedWrites:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import signal
 import socket
 import ssl
@@ -32,13 +31,16 @@ import uvicorn
 from cryptography import x509
 
 from api import create_app, create_public_app
+from api.remote import Answers
 from config import ConfigError, Settings, load_settings, parse_address
 from relay import egress, eventloop, logs
 from relay.delivery import DeliveryEngine
 from relay.dkim import sign_here
 from relay.domains import Domains
 from relay.frontdoor import LocalDoor
-from relay.http_protocol import JoinedWritesProtocol
+from relay.http_protocol import ApiServer, JoinedWritesProtocol, StartupError, os_reason
+
+__all__ = ["Readiness", "Service", "StartupError", "load_tls_context", "tls_paths"]
 from relay.metrics import Metrics
 from relay.mx import MxResolver, build_resolver
 from relay.notify import Notifier
@@ -54,33 +56,6 @@ logger = logging.getLogger(__name__)
 
 #: listen(2)'s backlog for the SMTP sockets the workers share: asyncio's own default.
 LISTEN_BACKLOG = 100
-
-
-class StartupError(RuntimeError):
-    """Postroom cannot start with this configuration."""
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: the service owns signals (STYLE.md gotcha 4)."""
-
-    def __init__(self, config: uvicorn.Config, setting: str) -> None:
-        super().__init__(config)
-        self.setting = setting  # where the address came from, for the start-up error
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn logs a bind error and calls sys.exit(3) from inside its task; SystemExit
-        # escapes the event loop at once, so it is turned into a StartupError here.
-        try:
-            await super().startup(sockets)
-        except SystemExit as exc:
-            address = f"{self.config.host}:{self.config.port}"
-            cause = exc.__context__
-            reason = _os_reason(cause) if isinstance(cause, OSError) else "cannot listen"
-            raise StartupError(f"{self.setting} {address}: {reason}") from None
 
 
 #: Settings the delivery engine and the webhook dispatcher take on at a reload (SIGHUP): they
@@ -172,8 +147,8 @@ class Service:
         self._register_reload_hooks()
         smtp_servers: list[asyncio.Server] = []
         tasks: dict[str, asyncio.Task[None]] = {}
-        api_server: _Server | None = None
-        public_server: _Server | None = None
+        api_server: ApiServer | None = None
+        public_server: ApiServer | None = None
         engine: DeliveryEngine | None = None
         dispatcher = WebhookDispatcher(
             spool,
@@ -192,36 +167,46 @@ class Service:
                 raise StartupError(f"smtp.tls_listen needs a certificate: none at {cert}")
             door = LocalDoor(spool, settings)
             if settings.smtp.worker_count:
-                # SMTP worker processes (relay/workers.py) accept on these; this process never
-                # does, so its loop is left to the spool, delivery, the API and webhooks.
+                self.workers = Workers(settings, door, metrics)
+            app = create_app(
+                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
+                domain_tools=Domains(settings), cpu_pool=self.workers,
+            )
+            api_host, api_port = parse_address(settings.api.listen)
+            workers = self.workers
+            api_listeners: list[int] = []  # the workers serve the API when it has some
+            if workers is not None:
+                # Worker processes (relay/workers.py) accept on these; this process never
+                # does, so its loop is left to the spool, delivery and webhooks — and the API,
+                # unless the workers serve it too: then this app answers what they ask.
                 listeners = await self._open_for_workers()
-                workers = self.workers = Workers(settings, door, metrics)
+                if settings.api.in_workers:
+                    api_listeners = await self._open_api_for_workers(api_host, api_port)
+                    workers.answer_api = Answers(app.state.postroom)
                 try:
-                    await workers.start(listeners, tls_paths(settings) if tls else None)
+                    await workers.start(
+                        listeners, tls_paths(settings) if tls else None, api_listeners
+                    )
                 except WorkerFailed as failed:
                     raise StartupError(str(failed)) from None
                 tasks["smtp-workers"] = asyncio.create_task(workers.run(), name="smtp-workers")
             else:
                 await self._serve_smtp(SubmissionHandler(door, settings), sessions, smtp_servers)
 
-            app = create_app(
-                spool, settings, self.readiness, gateway=dispatcher, metrics_exporter=metrics,
-                domain_tools=Domains(settings), cpu_pool=self.workers,
-            )
-            api_host, api_port = parse_address(settings.api.listen)
-            config = uvicorn.Config(
-                app, host=api_host, port=api_port, lifespan="off", access_log=False,
-                log_config=None, server_header=False, http=JoinedWritesProtocol,
-            )
-            api_server = _Server(config, "api.listen")
-            tasks["api"] = asyncio.create_task(api_server.serve(), name="api")
-            while not api_server.started:
-                if tasks["api"].done():
-                    await tasks["api"]  # raises what stopped it (e.g. the port is taken)
-                    raise RuntimeError("the API server stopped during start-up")
-                await asyncio.sleep(0.01)
-            sock = api_server.servers[0].sockets[0]
-            self.api_address = sock.getsockname()[:2]
+            if not api_listeners:
+                config = uvicorn.Config(
+                    app, host=api_host, port=api_port, lifespan="off", access_log=False,
+                    log_config=None, server_header=False, http=JoinedWritesProtocol,
+                )
+                api_server = ApiServer(config, "api.listen")
+                tasks["api"] = asyncio.create_task(api_server.serve(), name="api")
+                while not api_server.started:
+                    if tasks["api"].done():
+                        await tasks["api"]  # raises what stopped it (e.g. the port is taken)
+                        raise RuntimeError("the API server stopped during start-up")
+                    await asyncio.sleep(0.01)
+                sock = api_server.servers[0].sockets[0]
+                self.api_address = sock.getsockname()[:2]
             if settings.api.public_listen is not None:
                 public_server = await self._start_public(tasks)
 
@@ -262,6 +247,7 @@ class Service:
                     "accepted, unsigned unless the domain was added (a development setting)"
                 )
             self.readiness.is_listening = True
+            assert self.api_address is not None
             smtp = " ".join(f"{h}:{p}" for h, p in self.smtp_addresses)
             smtps = " ".join(f"{h}:{p}" for h, p in self.smtps_addresses) or "-"
             pids = ",".join(map(str, self.workers.pids)) if self.workers else "-"
@@ -340,13 +326,23 @@ class Service:
                 try:
                     sockets = await _bind(host, port)
                 except OSError as exc:
-                    raise StartupError(f"{setting} {listen}: {_os_reason(exc)}") from None
+                    raise StartupError(f"{setting} {listen}: {os_reason(exc)}") from None
                 self._worker_sockets.extend(sockets)
                 bound.append(sockets[0].getsockname()[:2])
                 listeners.extend((sock.fileno(), is_implicit_tls) for sock in sockets)
         return listeners
 
-    async def _start_public(self, tasks: dict[str, asyncio.Task[None]]) -> _Server:
+    async def _open_api_for_workers(self, host: str | None, port: int) -> list[int]:
+        """Bind and listen on `api.listen` for the workers to serve (`api.in_workers`)."""
+        try:
+            sockets = await _bind(host, port)
+        except OSError as exc:
+            raise StartupError(f"api.listen {self.settings.api.listen}: {os_reason(exc)}") from None
+        self._worker_sockets.extend(sockets)
+        self.api_address = sockets[0].getsockname()[:2]
+        return [sock.fileno() for sock in sockets]
+
+    async def _start_public(self, tasks: dict[str, asyncio.Task[None]]) -> ApiServer:
         """Serve the unsubscribe routes alone on `api.public_listen` (a second uvicorn server)."""
         settings = self.settings
         assert self.spool is not None and settings.api.public_listen is not None
@@ -356,7 +352,7 @@ class Service:
             lifespan="off", access_log=False, log_config=None, server_header=False,
             http=JoinedWritesProtocol,
         )
-        server = _Server(config, "api.public_listen")
+        server = ApiServer(config, "api.public_listen")
         tasks["public-api"] = asyncio.create_task(server.serve(), name="public-api")
         while not server.started:
             if tasks["public-api"].done():
@@ -373,7 +369,7 @@ class Service:
         self,
         spool: Spool,
         smtp_servers: list[asyncio.Server],
-        api_server: _Server | None,
+        api_server: ApiServer | None,
         engine: DeliveryEngine | None,
         dispatcher: WebhookDispatcher,
         tasks: dict[str, asyncio.Task[None]],
@@ -531,11 +527,6 @@ def _nothing() -> None:
     pass
 
 
-def _os_reason(exc: OSError) -> str:
-    """The errno's own words (`address already in use`), not asyncio's longer sentence."""
-    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
-
-
 async def _bind(host: str | None, port: int) -> list[socket.socket]:
     """Listening TCP sockets on host:port, one per address it resolves to, bound as asyncio's
     `create_server` binds them (SO_REUSEADDR; an IPv6 socket IPv6 only)."""
@@ -563,7 +554,7 @@ async def _listen(setting: str, listen: str, starting: Awaitable[asyncio.Server]
     try:
         return await starting
     except OSError as exc:
-        raise StartupError(f"{setting} {listen}: {_os_reason(exc)}") from None
+        raise StartupError(f"{setting} {listen}: {os_reason(exc)}") from None
 
 
 def _prepare_logging(new: Settings) -> Apply:

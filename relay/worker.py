@@ -1,4 +1,5 @@
-"""An SMTP worker process (`smtp.workers`): SMTP sessions on the service's listening sockets.
+"""A worker process (`smtp.workers`): SMTP sessions, and the API, on the service's listening
+sockets.
 
 `postroom serve` starts it as `python -m relay.worker FD LOOP`, FD being its end of a socketpair
 to the service process (relay/workers.py). The service opened the listening sockets and passes
@@ -10,6 +11,12 @@ to DATA — so `250` still follows the spool's commit, made by the one process t
 other way, the service hands a worker CPU work its loop is spared: DKIM signatures, and the
 validation and composition of API messages (`call`: a function of ours, by reference, and its
 arguments).
+
+With `api.in_workers`, a worker also serves the HTTP API on the service's `api.listen` sockets
+(`_Api`): the same app as the service would run, each request parsed, validated, composed and
+answered here, and what only the service can decide asked of it (api/remote.py) — the key
+lookup and rate limits, the send after composition (so `202` follows the commit, as `250`
+does), the spool's reads and writes, readiness and metrics.
 
 It stops, finishing the transactions in flight, on the service's `drain`, on SIGTERM or SIGINT
 (systemd signals the whole unit); it stops at once if the service is gone, because nothing can
@@ -30,13 +37,18 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
 
+import uvicorn
+
+from api import create_app, remote
 from config import EventLoop, Settings
 from relay import eventloop, logs
+from relay.domains import Domains
+from relay.http_protocol import ApiServer, JoinedWritesProtocol
 from relay.ipc import Channel, ChannelClosed, StartSettings
 from relay.sessions import Sessions
 from relay.submission import Admission, SubmissionHandler, protocol_factory, quiet_aiosmtpd_logging
 from relay.throttle import AuthVerdict
-from store import Principal, SpoolClosed, Submission
+from store import Principal, Spool, SpoolClosed, Submission
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +127,67 @@ def tls_context(paths: tuple[Path, Path] | None) -> ssl.SSLContext | None:
     return context
 
 
+class _Api:
+    """The API on `api.listen`, when the service hands it to the workers (`api.in_workers`): the
+    app the service would run, its spool, keys, sends and readiness asked of the service."""
+
+    def __init__(self, channel: Channel, settings: Settings) -> None:
+        async def call(op: str, *args: Any) -> Any:
+            try:
+                return await channel.call(op, *args)
+            except ChannelClosed:
+                raise SpoolClosed("the service process is gone") from None
+
+        self.readiness = remote.WorkerReadiness()
+        app = create_app(
+            cast(Spool, remote.RemoteSpool(call)), settings, self.readiness,
+            gateway=remote.RemoteGateway(call), metrics_exporter=remote.RemoteMetrics(call),
+            domain_tools=Domains(settings), link=remote.Link(call),
+        )
+        config = uvicorn.Config(
+            app, lifespan="off", access_log=False, log_config=None, server_header=False,
+            http=JoinedWritesProtocol,
+        )
+        self.server = ApiServer(config, "api.listen")
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, fds: list[int]) -> None:
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        self.task = asyncio.create_task(self.server.serve(sockets), name="api")
+        while not self.server.started:
+            if self.task.done():
+                await self.task
+                raise RuntimeError("the API server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    def drain(self) -> None:
+        """New requests get 503 (the ShutdownGate); the ones in flight go on."""
+        self.readiness.is_stopping = True
+
+    async def wait_answered(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Until no request is in flight, or `timeout`; whether none is."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.server.in_flight:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.config.timeout_graceful_shutdown = 1
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self.task
+
+
 async def run(fd: int) -> int:
     loop = asyncio.get_running_loop()
     channel = await Channel.over(socket.socket(fileno=fd))
     _, _, op, args = await channel.receive()
     assert op == "start"
-    settings, listeners, tls_paths, index, started_with = args
+    settings, listeners, api_listeners, tls_paths, index, started_with = args
     assert isinstance(settings, Settings) and isinstance(started_with, Settings)
     logs.configure(settings)
     quiet_aiosmtpd_logging()
@@ -135,6 +202,9 @@ async def run(fd: int) -> int:
         servers.append(await loop.create_server(
             factory, sock=socket.socket(fileno=listener_fd), ssl=tls if is_implicit_tls else None
         ))
+    api = _Api(channel, started_with) if api_listeners else None
+    if api is not None:
+        await api.start(api_listeners)
     stop = asyncio.Event()
     may_exit = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,6 +219,8 @@ async def run(fd: int) -> int:
         if op == "ping":  # the service's watchdog: answered by this loop, so it is not stuck
             return b"pong"
         if op == "drain":
+            if api is not None:
+                api.drain()
             stop.set()
         elif op == "exit":
             may_exit.set()
@@ -169,16 +241,26 @@ async def run(fd: int) -> int:
             server.close()
         sessions.drain()
         sessions.close_all()
+        if api is not None:
+            api.drain()
+            await api.stop()
         await sessions.wait_closed(2.0)
         return 1
     # Like the service's own drain (relay/service.py): new sessions get 421, idle ones are
-    # closed, transactions finish, within `server.shutdown_timeout`.
+    # closed, transactions finish, within `server.shutdown_timeout`; new HTTP requests get 503,
+    # the ones in flight are answered.
     sessions.drain()
+    if api is not None:
+        api.drain()
+    deadline = loop.time() + settings.server.shutdown_timeout
     if not await sessions.wait_closed(settings.server.shutdown_timeout):
         logger.warning("smtp worker %d: %d session(s) still open: closing them", index,
                        len(sessions))
         sessions.close_all()
         await sessions.wait_closed(2.0)
+    if api is not None and not await api.wait_answered(max(0.0, deadline - loop.time())):
+        logger.warning("smtp worker %d: %d HTTP request(s) still in flight", index,
+                       api.server.in_flight)
     # New connections still get 421 until every worker is done: the listening sockets close
     # when the last process lets them go, and a client left in their backlog would be reset.
     channel.notify("drained")
@@ -186,6 +268,8 @@ async def run(fd: int) -> int:
                        return_when=asyncio.FIRST_COMPLETED)
     for server in servers:
         server.close()
+    if api is not None:
+        await api.stop()
     channel.close()
     served.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -79,6 +79,9 @@ class Workers:
         self._door = door
         self._metrics = metrics
         self._listeners: list[tuple[int, bool]] = []
+        self._api_listeners: list[int] = []
+        #: Answers the API ops of workers that serve `api.listen` (api/remote.py `Answers`).
+        self.answer_api: Callable[[str, tuple[Any, ...]], Any] | None = None
         self._tls: tuple[Path, Path] | None = None
         self._workers: dict[int, _Worker] = {}
         self._restarts: collections.deque[float] = collections.deque()
@@ -88,13 +91,19 @@ class Workers:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers.values()]
 
-    async def start(self, listeners: list[tuple[int, bool]], tls: tuple[Path, Path] | None) -> None:
+    async def start(
+        self, listeners: list[tuple[int, bool]], tls: tuple[Path, Path] | None,
+        api_listeners: list[int] | None = None,
+    ) -> None:
         """Start every worker and wait until each listens; `WorkerFailed` if one cannot.
 
-        `listeners` are the listening sockets' descriptors, each with whether it is implicit
-        TLS; `tls` the certificate and key the service loaded, if it did.
+        `listeners` are the SMTP listening sockets' descriptors, each with whether it is
+        implicit TLS; `tls` the certificate and key the service loaded, if it did;
+        `api_listeners` the API's sockets, when the workers serve it (`answer_api` answers them).
         """
         self._listeners = listeners
+        self._api_listeners = list(api_listeners or [])
+        assert not self._api_listeners or self.answer_api is not None
         self._tls = tls
         await asyncio.gather(
             *(self._start(index) for index in range(1, self.settings.smtp.worker_count + 1))
@@ -102,7 +111,7 @@ class Workers:
 
     async def _start(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
-        fds = [theirs.fileno(), *(fd for fd, _ in self._listeners)]
+        fds = [theirs.fileno(), *(fd for fd, _ in self._listeners), *self._api_listeners]
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.worker", str(theirs.fileno()),
@@ -118,7 +127,8 @@ class Workers:
             name=f"smtp-worker-{index}",
         )
         channel.notify(
-            "start", self.settings, self._listeners, self._tls, index, self._started_with,
+            "start", self.settings, self._listeners, self._api_listeners, self._tls, index,
+            self._started_with,
         )
         ready = asyncio.create_task(worker.ready.wait())
         exited = asyncio.create_task(process.wait())
@@ -143,6 +153,9 @@ class Workers:
         door = self._door
         if op == "commit":
             return door.commit(*args)
+        if op.startswith("api."):
+            assert self.answer_api is not None
+            return self.answer_api(op, args)
         if op == "admit":
             admission = door.admit(*args)
             if admission.refusal is None:

@@ -33,6 +33,11 @@ class StoreError(Exception):
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt without calling `__init__`, whose arguments differ per subclass: the SMTP and
+        # API worker processes get these from the service pickled (relay/ipc.py).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class SpoolUnavailable(StoreError):
     """The spool cannot be opened."""
@@ -99,3 +104,12 @@ class UnreadableKeys(StoreError):
         self.domain = domain
         self.selector = selector
         self.reason = reason
+
+
+def _rebuild(
+    cls: type[StoreError], args: tuple[object, ...], state: dict[str, object]
+) -> StoreError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

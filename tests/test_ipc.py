@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+import api.errors
+import store.errors
 from relay.ipc import Channel, ChannelClosed, RemoteError
 
 
@@ -30,6 +32,8 @@ async def answer(op: str, args: tuple[Any, ...]) -> Any:
         raise Unrebuildable(code=7)
     if op == "unpicklable":
         return lambda: None
+    if op == "raise":
+        raise args[0]
     if op == "slow":
         await asyncio.sleep(args[0])
         return "late"
@@ -127,3 +131,43 @@ async def test_a_read_that_ends_inside_a_frame_keeps_the_rest_for_the_next():
     theirs.close()
     await asyncio.wait_for(serving, 5)
     assert channel.is_closed
+
+
+def _every_subclass(base: type[Exception]) -> list[type[Exception]]:
+    found, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _example(cls: type[Exception]) -> Exception:
+    if cls is store.errors.SpoolUnavailable:
+        return cls("/var/lib/postroom/spool.db", "permission denied")  # type: ignore[call-arg]
+    if cls is store.errors.PolicyRejected:
+        return cls("sender_not_allowed", "not for this key", "from")  # type: ignore[call-arg]
+    if cls is store.errors.IdempotencyConflict:
+        return cls(store.errors.IdempotencyConflict.REUSED)  # type: ignore[call-arg]
+    if cls is store.errors.UnreadableKeys:
+        return cls("acme.test", "s1", "wrong key")  # type: ignore[call-arg]
+    if issubclass(cls, api.errors.ApiError):
+        return cls("what went wrong", [api.errors.Detail("to", "bad")], slug="a_slug",
+                   headers={"Retry-After": "3"})
+    return cls("what went wrong")
+
+
+async def test_the_spool_s_and_the_api_s_errors_arrive_as_themselves(
+    pair: tuple[Channel, Channel],
+):
+    """What the service raises answering a worker's SMTP commit or API call is raised in the
+    worker as the same error, its fields intact: the worker turns it into the right reply."""
+    caller, _ = pair
+    classes = _every_subclass(store.errors.StoreError) + _every_subclass(api.errors.ApiError)
+    assert len(classes) > 20
+    for cls in classes:
+        sent = _example(cls)
+        with pytest.raises(cls) as raised:
+            await caller.call("raise", sent)
+        got = raised.value
+        assert type(got) is cls and got.args == sent.args and vars(got) == vars(sent), cls
