@@ -1,9 +1,12 @@
 """The service: everything Postroom runs, in one process and one asyncio loop — the SMTP
-sessions in worker processes beside it when `smtp.workers` asks for them (relay/workers.py).
+sessions and the API in worker processes beside it when `smtp.workers` asks for them
+(relay/workers.py; the API unless `api.in_workers` is off: then this process answers what the
+workers' API asks, api/remote.py).
 
 Owns start-up (the spool, the SMTP listeners made with `loop.create_server` — STARTTLS on
 `smtp.listen`, implicit TLS on `smtp.tls_listen`, one submission handler for all, or the bound
-sockets handed to the workers — uvicorn serving the API without its own signal handling, the
+sockets handed to the workers — uvicorn serving the API without its own signal handling, or
+the API's bound sockets handed to the workers, the
 delivery engine, the webhook dispatcher),
 supervision (every long-lived task is named and watched; one dying stops the service loudly),
 signals, readiness, systemd notifications (READY=1 once the spool is open and every listener

@@ -1,20 +1,22 @@
-"""SMTP worker processes (`smtp.workers`), from the side of the service process that owns them.
+"""Worker processes (`smtp.workers`), from the side of the service process that owns them.
 
-With `smtp.workers = N`, the service opens the SMTP listening sockets itself but accepts on none
-of them: it starts N worker processes (relay/worker.py) that inherit the sockets and run the SMTP
-sessions, so that the protocol work of many clients is spread over the machine's cores while one
-process keeps the spool's writer, the delivery engine, the API and the webhooks. The service
-hands the workers CPU work too (`offload`): DKIM signing for the engine, and the validation and
-composition of API messages, so its loop is left the rest.
+With `smtp.workers = N`, the service opens the SMTP listening sockets (and, with
+`api.in_workers`, the API's) itself but accepts on none of them: it starts N worker processes
+(relay/worker.py) that inherit the sockets and run the SMTP sessions and the API, so that the
+protocol work of many clients is spread over the machine's cores while one process keeps the
+spool's writer, the delivery engine and the webhooks. The service hands the workers CPU work
+too (`offload`): DKIM signing for the engine, and the validation and composition of API
+messages when it serves the API itself, so its loop is left the rest.
 
 Owns starting the workers (each gets its end of a socketpair, the sockets and the settings, and
-says when it listens), answering them (every call goes to the service's one `LocalDoor`, so that
-session counts, AUTH lock-outs and idempotency are the server's, and `commit` answers DATA only
-after the spool committed), supervision (a worker that dies, or hangs past
+says when it listens), answering them (every SMTP call goes to the service's one `LocalDoor`, so
+that session counts, AUTH lock-outs and idempotency are the server's, and `commit` answers DATA
+only after the spool committed; every API call to `answer_api`, the service's own app state,
+api/remote.py), supervision (a worker that dies, or hangs past
 `smtp.worker_watchdog` and is killed, is started again and what it had counted is released; one
 that keeps dying stops the service), reloads (the new settings are sent to each) and the drain
-at shutdown: each worker finishes its transactions, which the service still commits, before the
-service goes on to close the spool.
+at shutdown: each worker finishes its transactions and requests, which the service still
+commits, before the service goes on to close the spool.
 """
 
 from __future__ import annotations
