@@ -41,7 +41,6 @@ from api.models import (
     MessageOut,
     SendRequest,
     check_idempotency_key,
-    mailbox_address,
     parse_mailbox,
     refuse_unencodable,
 )
@@ -182,9 +181,11 @@ async def load_context(spool: Spool, bodies: Sequence[object]) -> SendContext:
         sender = _from_value(body)
         if isinstance(sender, str):
             try:
-                domains.add(mailbox_address(sender).rpartition("@")[2])
+                display, address = parse_mailbox(sender)
             except ValueError:
-                pass  # validation names it
+                continue  # validation names it
+            if not display:  # a sender with a name of its own keeps it (`prepare`)
+                domains.add(address.rpartition("@")[2])
     templates: dict[str, Template] = {}
     for ref in sorted(refs):
         try:

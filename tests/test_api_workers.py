@@ -170,3 +170,33 @@ async def test_the_event_stream_is_served_from_a_worker(
         else:
             raise AssertionError("no email.queued event on the stream")
 
+
+
+async def test_a_single_send_answers_a_bad_key_before_a_bad_body_and_names_the_sender(
+    start: Callable[..., Any], mx_sink: MxSink,
+):
+    """In a worker the key is checked by the service, the body read and composed here: a bad
+    key is still answered before a bad body, and the domain's default sender name still comes
+    from the service, for a sender without a name of its own only."""
+    postroom = await start_with_workers(start)
+    key = await postroom.new_key()
+    broken = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+    async with postroom.http() as anonymous:
+        assert (await anonymous.post("/v1/messages", **broken)).status_code == 401
+    async with postroom.http("pr_wrong") as wrong:
+        refused = await wrong.post("/v1/messages", **broken)
+        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    async with postroom.http(key) as http:
+        bad = await http.post("/v1/messages", **broken)
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+        added = await http.post("/v1/domains", json={"name": "acme.test",
+                                                     "default_sender_name": "Acme Inc"})
+        assert added.status_code == 201, added.text
+        for sender in ("app@acme.test", "Billing <app@acme.test>"):
+            sent = await http.post("/v1/messages", json={
+                "from": sender, "to": "user@example.test", "subject": "s", "text": "t",
+            })
+            assert sent.status_code == 202, sent.text
+    received = await mx_sink.wait_for_messages(2)
+    froms = sorted(m.data.split(b"\r\nFrom: ", 1)[1].split(b"\r\n", 1)[0] for m in received)
+    assert froms == [b"Acme Inc <app@acme.test>", b"Billing <app@acme.test>"]
