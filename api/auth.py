@@ -18,9 +18,10 @@ from starlette.requests import Request
 from api.errors import Forbidden, TooManyRequests, Unauthorized
 from api.ratelimit import SCOPE_KEY, Decision
 from api.types import AppState
-from store import Principal, Scope
+from store import Principal, Scope, pickled_by_fields
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class KeyCheck:
     """What the key lookup and the limits decided for one request."""

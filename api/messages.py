@@ -63,6 +63,7 @@ from store import (
     Template,
     domain_of,
     format_time,
+    pickled_by_fields,
 )
 
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -71,6 +72,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 # -- one item through validation and composition (pure: no I/O, runs in a thread for batches) ---
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Item:
     """One send request on its way: ready to accept, or refused with an error."""
@@ -82,6 +84,7 @@ class Item:
     compat_key: str | None = None  # the key a compat request was answered with
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Sent:
     accepted: Accepted
@@ -145,6 +148,7 @@ def check_limits(send: SendRequest, settings: Settings, now: float) -> None:
 # -- templates and default sender names (read once per request, applied per item) ----------------
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class SendContext:
     """What the items of one request need from the spool: their templates (by the id or name

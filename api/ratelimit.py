@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from store import pickled_by_fields
+
 #: Where `authenticate` leaves the headers for the middleware, in the ASGI scope.
 SCOPE_KEY = "postroom.ratelimit"
 _WINDOW = 60.0
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class Decision:
     """One request against a bucket: allowed or not, and what the headers say."""

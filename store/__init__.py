@@ -83,6 +83,7 @@ from store.records import (
     format_event_id,
     format_time,
     parse_event_id,
+    pickled_by_fields,
 )
 from store.spool import Spool, migrate
 from store.unsubscribe import make_token, read_token
@@ -169,5 +170,6 @@ __all__ = [
     "migrate",
     "normalise_domain",
     "parse_event_id",
+    "pickled_by_fields",
     "read_token",
 ]

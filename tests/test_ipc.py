@@ -13,7 +13,22 @@ import pytest
 
 import api.errors
 import store.errors
+from api.auth import KeyCheck
+from api.messages import Item, SendContext, Sent
+from api.ratelimit import Decision
 from relay.ipc import Channel, ChannelClosed, RemoteError
+from store import (
+    Accepted,
+    IdempotencyKey,
+    MessageStatus,
+    MessageType,
+    Principal,
+    Priority,
+    Scope,
+    Source,
+    Submission,
+    Tag,
+)
 
 
 class Unrebuildable(Exception):
@@ -34,6 +49,8 @@ async def answer(op: str, args: tuple[Any, ...]) -> Any:
         return lambda: None
     if op == "raise":
         raise args[0]
+    if op == "echo":
+        return args
     if op == "slow":
         await asyncio.sleep(args[0])
         return "late"
@@ -171,3 +188,27 @@ async def test_the_spool_s_and_the_api_s_errors_arrive_as_themselves(
             await caller.call("raise", sent)
         got = raised.value
         assert type(got) is cls and got.args == sent.args and vars(got) == vars(sent), cls
+
+
+async def test_the_records_of_every_send_cross_whole(pair: tuple[Channel, Channel]):
+    """What a worker sends the service for each message, and what comes back, is rebuilt
+    field by field (`store.pickled_by_fields`): every field must arrive, defaults included."""
+    caller, _ = pair
+    principal = Principal("key_1", "ci", Scope.FULL, ("acme.test",), is_test=True, rate_limit=9)
+    key = IdempotencyKey("order-1", b"\x01" * 32)
+    submission = Submission(
+        "app@acme.test", ("a@example.test", "b@example.test"), b"Subject: hi\r\n\r\nx\r\n",
+        Source.API, principal, (Tag("team", "ops"),), {"order": "1"},
+        MessageType.MARKETING, Priority.HIGH, 1.5e9, key, is_system=False,
+    )
+    records = [
+        principal, key, submission, Tag("team", "ops"),
+        Accepted("msg_1", 1.5e9, MessageStatus.QUEUED),
+        Item(key, submission, (("to", "a@example.test"),), None, "gen_1"),
+        Sent(Accepted("msg_2", 2.0, MessageStatus.SCHEDULED), replayed=True),
+        KeyCheck(principal, None, Decision(False, 9, 0, 7, 7), 9), KeyCheck(locked_for=3),
+        SendContext({}, {"acme.test": "Acme"}),
+    ]
+    back = await caller.call("echo", *records)
+    assert list(back) == records
+    assert [type(r) for r in back] == [type(r) for r in records]
