@@ -54,6 +54,19 @@ class ApiServer(uvicorn.Server):
             reason = os_reason(cause) if isinstance(cause, OSError) else "cannot listen"
             raise StartupError(f"{self.setting} {address}: {reason}") from None
 
+    async def begin(
+        self, name: str, sockets: list[socket.socket] | None = None
+    ) -> asyncio.Task[None]:
+        """Serve in a task of its own, returned once listening; what stopped it, if it could
+        not start (a taken port: `StartupError`)."""
+        task = asyncio.create_task(self.serve(sockets), name=name)
+        while not self.started:
+            if task.done():
+                await task
+                raise RuntimeError(f"the server of {self.setting} stopped during start-up")
+            await asyncio.sleep(0.01)
+        return task
+
     @property
     def in_flight(self) -> int:
         """Requests being answered now."""

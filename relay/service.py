@@ -202,12 +202,7 @@ class Service:
                     log_config=None, server_header=False, http=JoinedWritesProtocol,
                 )
                 api_server = ApiServer(config, "api.listen")
-                tasks["api"] = asyncio.create_task(api_server.serve(), name="api")
-                while not api_server.started:
-                    if tasks["api"].done():
-                        await tasks["api"]  # raises what stopped it (e.g. the port is taken)
-                        raise RuntimeError("the API server stopped during start-up")
-                    await asyncio.sleep(0.01)
+                tasks["api"] = await api_server.begin("api")
                 sock = api_server.servers[0].sockets[0]
                 self.api_address = sock.getsockname()[:2]
             if settings.api.public_listen is not None:
@@ -356,12 +351,7 @@ class Service:
             http=JoinedWritesProtocol,
         )
         server = ApiServer(config, "api.public_listen")
-        tasks["public-api"] = asyncio.create_task(server.serve(), name="public-api")
-        while not server.started:
-            if tasks["public-api"].done():
-                await tasks["public-api"]
-                raise RuntimeError("the public listener stopped during start-up")
-            await asyncio.sleep(0.01)
+        tasks["public-api"] = await server.begin("public-api")
         self.public_address = server.servers[0].sockets[0].getsockname()[:2]
         if settings.api.public_url is None:
             logger.warning("api.public_listen is set but api.public_url is not: marketing mail "

@@ -152,13 +152,7 @@ class _Api:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self, fds: list[int]) -> None:
-        sockets = [socket.socket(fileno=fd) for fd in fds]
-        self.task = asyncio.create_task(self.server.serve(sockets), name="api")
-        while not self.server.started:
-            if self.task.done():
-                await self.task
-                raise RuntimeError("the API server stopped during start-up")
-            await asyncio.sleep(0.01)
+        self.task = await self.server.begin("api", [socket.socket(fileno=fd) for fd in fds])
 
     def drain(self) -> None:
         """New requests get 503 (the ShutdownGate); the ones in flight go on."""
