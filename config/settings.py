@@ -290,7 +290,7 @@ class ApiSettings(Section):
     # Serve `listen` in the SMTP worker processes (`smtp.workers`), beside their SMTP sessions,
     # rather than in the service's loop: requests are parsed, validated and composed there, and
     # the service is asked only for what it owns (keys and limits, the commit, the spool's
-    # reads). No effect without workers. `public_listen` is always the service's.
+    # reads and writes). No effect without workers. `public_listen` is always the service's.
     in_workers: bool = True
 
     @field_validator("public_url")

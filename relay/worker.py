@@ -33,7 +33,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,18 +53,25 @@ from store import Principal, Spool, SpoolClosed, Submission
 logger = logging.getLogger(__name__)
 
 
+def asking(channel: Channel) -> Callable[..., Awaitable[Any]]:
+    """`call(op, *args)` to the service: its own exceptions (SpoolClosed among them) are raised
+    here as themselves, and a service gone is `SpoolClosed` too."""
+
+    async def call(op: str, *args: Any) -> Any:
+        try:
+            return await channel.call(op, *args)
+        except ChannelClosed:
+            raise SpoolClosed("the service process is gone") from None
+
+    return call
+
+
 class RemoteDoor:
     """The `Door` of a worker: every question goes to the service process."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
-
-    async def _call(self, op: str, *args: Any) -> Any:
-        # The service's own exceptions (SpoolClosed among them) are raised here as themselves.
-        try:
-            return await self._channel.call(op, *args)
-        except ChannelClosed:
-            raise SpoolClosed("the service process is gone") from None
+        self._call = asking(channel)
 
     def admit(self, host: str) -> Awaitable[Admission]:
         return self._call("admit", host)
@@ -132,12 +139,7 @@ class _Api:
     app the service would run, its spool, keys, sends and readiness asked of the service."""
 
     def __init__(self, channel: Channel, settings: Settings) -> None:
-        async def call(op: str, *args: Any) -> Any:
-            try:
-                return await channel.call(op, *args)
-            except ChannelClosed:
-                raise SpoolClosed("the service process is gone") from None
-
+        call = asking(channel)
         self.readiness = remote.WorkerReadiness()
         app = create_app(
             cast(Spool, remote.RemoteSpool(call)), settings, self.readiness,
