@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from config import Settings
-from relay.dkim import generate_keys, txt_records
 from relay.mx import build_resolver, lookup
 from store import DnsRecord, DomainKeys, RecordStatus
 
@@ -29,6 +28,8 @@ SPF_LOOKUP_LIMIT = 10
 
 def dns_records(keys: DomainKeys, hostname: str) -> list[DnsRecord]:
     """What the domain should publish: DKIM key(s), SPF for this host, a starter DMARC."""
+    from relay.dkim import txt_records  # see `Domains.generate`
+
     records = [DnsRecord("TXT", r.name, r.value) for r in txt_records(keys)]
     records.append(DnsRecord("TXT", keys.name, f"v=spf1 a:{hostname} ~all"))
     records.append(
@@ -240,6 +241,10 @@ class Domains:
     @staticmethod
     def generate(name: str, selector: str, with_ed25519: bool, now: float) -> DomainKeys:
         """New keys (RSA-2048, and ed25519 with `with_ed25519`); CPU work: call in a thread."""
+        # relay.dkim is imported on first use: it loads `cryptography` and dkimpy (~10 MiB of
+        # RSS), which a worker process serving the API needs only when a domain is added.
+        from relay.dkim import generate_keys
+
         return generate_keys(name, selector, with_ed25519, now)
 
     def records(self, keys: DomainKeys) -> list[DnsRecord]:

@@ -63,3 +63,21 @@ def test_every_event_type_is_documented_in_readme():
     readme = (ROOT / "README.md").read_text()
     for event in store.EventType:
         assert f"`{event.value}`" in readme, event.value
+
+
+def test_worker_process_does_not_load_the_crypto_libraries():
+    # A worker process (SMTP and API) signs nothing and, without encryption at rest, seals
+    # nothing: `cryptography` and dkimpy would add ~11 MiB to its RSS (bench/memory.py), so they
+    # are imported where they are used (store/crypto.py, relay/domains.py).
+    import subprocess
+    import sys
+
+    found = subprocess.run(
+        [
+            sys.executable, "-c",
+            "import sys, relay.worker; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'dkim'}))",
+        ],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert found == "[]"
