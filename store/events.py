@@ -19,24 +19,28 @@ from store.sql import Q
 
 
 def append_events(conn: sqlite3.Connection, events: Iterable[NewEvent], now: float) -> int:
-    """Insert events and their outbox rows (inside a writer job); return the outbox rows made."""
-    outbox = 0
-    for event in events:
-        cur = conn.execute(
-            Q["insert_event"],
-            {
-                "now": now,
-                "type": event.type.value,
-                "message_seq": event.message_seq,
-                "recipient": event.recipient,
-                "data": json.dumps(event.data),
-            },
-        )
-        outbox += conn.execute(
-            Q["insert_outbox_for_event"],
-            {"event_id": cur.lastrowid, "type": event.type.value, "now": now},
-        ).rowcount
-    return outbox
+    """Insert events and their outbox rows (inside a writer job); return the outbox rows made.
+
+    Three statements however many events: the events in one `executemany`, then every outbox
+    row they owe in one INSERT … SELECT over the events past the last id before them (the ids
+    only grow: AUTOINCREMENT). A statement costs the writer ~10 us; intake's batch of 10,000
+    messages made 20,000 of them here, one event and one outbox query each.
+    """
+    rows = [
+        {
+            "now": now,
+            "type": event.type.value,
+            "message_seq": event.message_seq,
+            "recipient": event.recipient,
+            "data": json.dumps(event.data),
+        }
+        for event in events
+    ]
+    if not rows:
+        return 0
+    last = conn.execute(Q["last_event_id"]).fetchone()[0]
+    conn.executemany(Q["insert_event"], rows)
+    return conn.execute(Q["insert_outbox_for_events"], {"after": last, "now": now}).rowcount
 
 
 async def list_events(

@@ -19,9 +19,9 @@ UPDATE api_keys SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL;
 SELECT 1 FROM api_keys WHERE id = :id;
 
 -- name: insert_message
-INSERT INTO messages (id, created_at, source, api_key_id, mail_from, from_header, subject, size,
-                      body, tags, metadata, message_type, scheduled_at)
-VALUES (:id, :now, :source, :api_key_id, :mail_from, :from_header, :subject, :size, :body,
+INSERT INTO messages (seq, id, created_at, source, api_key_id, mail_from, from_header, subject,
+                      size, body, tags, metadata, message_type, scheduled_at)
+VALUES (:seq, :id, :now, :source, :api_key_id, :mail_from, :from_header, :subject, :size, :body,
         :tags, :metadata, :message_type, :scheduled_at);
 
 -- name: insert_recipient
@@ -171,14 +171,22 @@ WHERE e.id IN (SELECT value FROM json_each(:ids));
 -- name: message_seq_by_id
 SELECT seq FROM messages WHERE id = :id;
 
+-- name: last_message_seq
+SELECT coalesce(max(seq), 0) FROM messages;
+
 -- name: last_event_id
 SELECT coalesce(max(id), 0) FROM events;
 
--- name: insert_outbox_for_event
--- Only store/events.py runs this, right after insert_event, in the same transaction.
+-- name: insert_outbox_for_events
+-- Only store/events.py runs this, right after inserting events, in the same transaction: the
+-- outbox rows of every event past :after, per event in order, one per enabled endpoint that
+-- subscribes to its type.
 INSERT INTO webhook_outbox (endpoint_seq, event_id, status, due_at, created_at, updated_at)
-SELECT seq, :event_id, 'pending', :now, :now, :now FROM webhook_endpoints
-WHERE enabled = 1 AND EXISTS (SELECT 1 FROM json_each(event_types) WHERE value IN ('*', :type));
+SELECT w.seq, e.id, 'pending', :now, :now, :now
+FROM events e JOIN webhook_endpoints w
+WHERE e.id > :after AND w.enabled = 1
+  AND EXISTS (SELECT 1 FROM json_each(w.event_types) WHERE value IN ('*', e.type))
+ORDER BY e.id, w.seq;
 
 -- name: insert_webhook
 INSERT INTO webhook_endpoints (id, url, event_types, description, enabled, secret, created_at,

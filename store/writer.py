@@ -79,12 +79,19 @@ class Writer:
         await does not stop the commit: a caller that gave up may still have its job committed
         (at-least-once, as RFC 1047 describes for SMTP).
         """
+        return await self.submit(job, bulk=bulk)
+
+    def submit(self, job: Job[T], *, bulk: bool = False) -> asyncio.Future[T]:
+        """Queue `job` now, on the calling loop's thread; its future settles after the commit.
+
+        For a caller that has more to prepare: the writer starts on this job while the caller
+        works on the next (`run` is this, awaited)."""
         if self._closed:
             raise SpoolClosed()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Pending(job, future, loop, bulk))
-        return await future
+        return future
 
     async def close(self) -> None:
         """Commit what is queued, then stop the thread and close the connection."""
