@@ -58,6 +58,7 @@ from store import (
     Scope,
     Source,
     Spool,
+    StoreError,
     Submission,
     Tag,
     Template,
@@ -528,6 +529,75 @@ async def prepare_batch(
     return [item for part in parts for item in part]
 
 
+#: A worker hands a longer batch to the service in chunks of this many items, each as soon as
+#: it is composed: the service stores one chunk while the worker composes the next.
+SEND_CHUNK = 1000
+
+
+async def prepare_and_send(
+    state: AppState, function: Prepare, bodies: list[object], principal: Principal,
+    now: float, context: SendContext,
+) -> tuple[list[Item], list[Result]]:
+    """A batch's items and their results, in order.
+
+    In a worker process a long batch goes to the service chunk by chunk (`SEND_CHUNK`). The
+    answers are those of one `send_items` over the whole batch: a key already used by an
+    earlier item is `in_progress` (the batch holds it), and a chunk the service could not take
+    fails only its own items, unless no chunk was taken at all (then the request fails, as one
+    send would). Each chunk is committed before its results exist, so `200`/`207` still
+    follows the commits.
+    """
+    if state.link is None or len(bodies) <= SEND_CHUNK:
+        whole = await prepare_batch(state, function, bodies, principal, now, context)
+        return whole, await send_items(state, principal, whole)
+    items: list[Item] = []
+    results: list[Result | None] = []
+    sends: list[tuple[list[int], asyncio.Task[list[Result]]]] = []
+    held: set[str] = set()
+    try:
+        for start in range(0, len(bodies), SEND_CHUNK):
+            chunk = await asyncio.to_thread(
+                prepare_all, function, bodies[start : start + SEND_CHUNK], principal,
+                state.settings, now, context,
+            )
+            positions = []
+            for item in chunk:
+                positions.append(len(items))
+                items.append(item)
+                results.append(None)
+                if item.key is None:
+                    continue
+                if item.key.key in held:  # held by an earlier chunk of this batch
+                    results[-1] = from_store_error(
+                        IdempotencyConflict(IdempotencyConflict.IN_PROGRESS)
+                    )
+                    positions.pop()
+                    continue
+                held.add(item.key.key)
+            if positions:
+                task = asyncio.create_task(
+                    send_items(state, principal, [items[i] for i in positions])
+                )
+                sends.append((positions, task))
+    finally:
+        outcomes = await asyncio.gather(*(task for _, task in sends), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    for failure in failures:
+        if not isinstance(failure, StoreError | ApiError):
+            raise failure
+    if failures and len(failures) == len(outcomes):
+        raise failures[0]
+    for (positions, _), outcome in zip(sends, outcomes, strict=True):
+        if isinstance(outcome, StoreError | ApiError):
+            error = outcome if isinstance(outcome, ApiError) else from_store_error(outcome)
+            for i in positions:
+                results[i] = error
+        elif not isinstance(outcome, BaseException):
+            for i, result in zip(positions, outcome, strict=True):
+                results[i] = result
+    return items, [r if r is not None else ApiError() for r in results]
+
+
 async def send_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
     principal = await authenticate(request, Scope.SEND)
@@ -544,8 +614,10 @@ async def send_batch(request: Request) -> JSONResponse:
     principal = await authenticate(request, Scope.SEND)
     bodies = await _read_batch(request, state)
     context = await load_context(state.spool, bodies)
-    items = await prepare_batch(state, prepare, bodies, principal, time.time(), context)
-    return _batch(await send_items(state, principal, items), items)
+    items, results = await prepare_and_send(
+        state, prepare, bodies, principal, time.time(), context
+    )
+    return _batch(results, items)
 
 
 async def send_compat(request: Request) -> JSONResponse:
@@ -564,8 +636,10 @@ async def send_compat_batch(request: Request) -> JSONResponse:
     principal = await authenticate(request, Scope.SEND)
     bodies = await _read_batch(request, state)
     context = await load_context(state.spool, bodies)
-    items = await prepare_batch(state, prepare_compat, bodies, principal, time.time(), context)
-    return _batch(await send_items(state, principal, items), items)
+    items, results = await prepare_and_send(
+        state, prepare_compat, bodies, principal, time.time(), context
+    )
+    return _batch(results, items)
 
 
 async def get_message(request: Request) -> JSONResponse:

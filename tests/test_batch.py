@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from api.messages import SEND_CHUNK
 from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import MxSink
 
@@ -97,6 +98,39 @@ async def test_batch_per_item_idempotency_keys(postroom: Running):
     assert data[3]["error"] == "idempotency_key_in_progress"  # the same key twice in one batch
     assert header.status_code == 422
     assert len(await postroom.spool.list_messages()) == 3
+
+
+async def test_a_batch_longer_than_a_chunk_answers_as_one_batch(postroom: Running):
+    # With workers, a batch past SEND_CHUNK items reaches the service chunk by chunk; the
+    # answers must be those of one batch: a key used again in a later chunk is still held,
+    # a replay, a refusal and every acceptance come back at their own index, in order.
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        before = await http.post("/v1/messages", json={**SEND, "subject": "before"},
+                                 headers={"Idempotency-Key": "earlier"})
+        assert before.status_code == 202
+        size = SEND_CHUNK + 12
+        items: list[dict[str, object]] = [{**SEND, "subject": f"#{i}"} for i in range(size)]
+        items[1]["idempotency_key"] = "twice"
+        # The last chunk is slow to compose (2 MB texts): the service has committed the first
+        # chunk before this key reaches it, and the batch must still hold it.
+        for i in range(SEND_CHUNK + 2, size):
+            items[i]["text"] = f"{i} " + "long line of text\n" * 110_000
+        items[SEND_CHUNK + 1]["idempotency_key"] = "twice"
+        items[SEND_CHUNK] = {**SEND, "subject": "before", "idempotency_key": "earlier"}
+        items[SEND_CHUNK - 1] = {**SEND, "to": ["broken"]}
+        response = await http.post("/v1/messages/batch", json=items)
+    assert response.status_code == 207
+    data = response.json()["data"]
+    assert len(data) == size
+    assert data[SEND_CHUNK + 1]["error"] == "idempotency_key_in_progress"
+    assert data[SEND_CHUNK]["id"] == before.json()["id"] and data[SEND_CHUNK]["replayed"]
+    assert data[SEND_CHUNK - 1]["error"] == "validation_error"
+    answered = (SEND_CHUNK - 1, SEND_CHUNK, SEND_CHUNK + 1)
+    fresh = [i for i in range(size) if i not in answered]
+    messages = {m.id: m.subject for m in await postroom.spool.list_messages(limit=size + 10)}
+    assert len(messages) == len(fresh) + 1  # each stored once, and the one sent before
+    assert [messages[data[i]["id"]] for i in fresh] == [f"#{i}" for i in fresh]
 
 
 async def test_batch_limits(start):
