@@ -355,6 +355,25 @@ class _Stored:
     statuses: tuple[RecipientStatus, ...]
 
 
+def _store_together(
+    conn: sqlite3.Connection, jobs: Sequence[_AcceptJob | _BatchJob]
+) -> list[object]:
+    """Neighbouring accept jobs of one group commit, stored as one (the writer's `joint`): a
+    `_BatchJob`'s result is its list, an `_AcceptJob`'s its `_Stored` or its refusal."""
+    flat = [one for job in jobs for one in (job.jobs if isinstance(job, _BatchJob) else (job,))]
+    stored = _store(conn, flat)
+    out: list[object] = []
+    at = 0
+    for job in jobs:
+        if isinstance(job, _BatchJob):
+            out.append(stored[at : at + len(job.jobs)])
+            at += len(job.jobs)
+        else:
+            out.append(stored[at])
+            at += 1
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class _BatchJob:
     """Many accept jobs in one writer job, each message refused alone (see `_store`)."""
@@ -363,6 +382,8 @@ class _BatchJob:
 
     def __call__(self, conn: sqlite3.Connection) -> list[_Stored | StoreError]:
         return _store(conn, self.jobs)
+
+    joint = staticmethod(_store_together)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +407,8 @@ class _AcceptJob:
         if isinstance(result, StoreError):
             raise result
         return result
+
+    joint = staticmethod(_store_together)
 
 
 def _store(conn: sqlite3.Connection, jobs: Sequence[_AcceptJob]) -> list[_Stored | StoreError]:

@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
+#: A job may name a `joint` (a plain function, the same object for every job of its kind): the
+#: writer then runs neighbouring jobs that share it as one call, `joint(conn, jobs)`, which
+#: returns each job's result, or the exception its caller should get, in order. Intake's single
+#: messages use it: ten messages in one group commit are ten jobs, but one set of statements.
+Joint = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 _SQLITE_FULL = 13
 
@@ -133,21 +138,22 @@ class Writer:
                 conn.execute(f"PRAGMA temp_store={journal}")
                 self._journal = journal
             conn.execute("BEGIN IMMEDIATE")
-            for pending in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = pending.job(conn)
-                except sqlite3.Error as exc:
-                    if _is_fatal(exc):
-                        raise
-                    self._rollback_job(conn)
-                    results.append((pending, None, exc))
-                except Exception as exc:  # noqa: BLE001 - the job fails alone, its caller hears
-                    self._rollback_job(conn)
-                    results.append((pending, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    results.append((pending, result, None))
+            start = 0
+            while start < len(batch):
+                joint = getattr(batch[start].job, "joint", None)
+                end = start + 1
+                while joint is not None and end < len(batch):
+                    if getattr(batch[end].job, "joint", None) is not joint:
+                        break
+                    end += 1
+                group = batch[start:end]
+                if (
+                    joint is None or len(group) == 1
+                    or not self._run_joint(conn, joint, group, results)
+                ):
+                    for pending in group:
+                        self._run_one(conn, pending, results)
+                start = end
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             # SQLITE_FULL may have ended the transaction by itself: roll back only if it is open.
@@ -170,6 +176,55 @@ class Writer:
         self._report(lambda: self.observer.committed(len(batch), elapsed))
         for pending, result, job_error in results:
             _resolve(pending, result, job_error)
+
+    def _run_one(
+        self,
+        conn: sqlite3.Connection,
+        pending: _Pending,
+        results: list[tuple[_Pending, Any, BaseException | None]],
+    ) -> None:
+        conn.execute("SAVEPOINT job")
+        try:
+            result = pending.job(conn)
+        except sqlite3.Error as exc:
+            if _is_fatal(exc):
+                raise
+            self._rollback_job(conn)
+            results.append((pending, None, exc))
+        except Exception as exc:  # noqa: BLE001 - the job fails alone, its caller hears
+            self._rollback_job(conn)
+            results.append((pending, None, exc))
+        else:
+            conn.execute("RELEASE job")
+            results.append((pending, result, None))
+
+    def _run_joint(
+        self,
+        conn: sqlite3.Connection,
+        joint: Joint,
+        group: list[_Pending],
+        results: list[tuple[_Pending, Any, BaseException | None]],
+    ) -> bool:
+        """Run neighbouring jobs that share a `joint` as one job; False (nothing written) if it
+        raised, so that they run one by one, each failing alone as ever."""
+        conn.execute("SAVEPOINT job")
+        try:
+            outcomes = joint(conn, [pending.job for pending in group])
+        except sqlite3.Error as exc:
+            if _is_fatal(exc):
+                raise
+            self._rollback_job(conn)
+            return False
+        except Exception:  # noqa: BLE001 - run again one by one: the failing job fails alone
+            self._rollback_job(conn)
+            return False
+        conn.execute("RELEASE job")
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                results.append((pending, None, outcome))
+            else:
+                results.append((pending, outcome, None))
+        return True
 
     @staticmethod
     def _report(call: Callable[[], None]) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,6 +104,56 @@ async def test_concurrent_accepts_commit_together_and_a_failing_job_fails_alone(
     assert spool_rows(tmp_path, "messages") == 100
     assert spool_rows(tmp_path, "recipients") == 100
     assert spool_rows(tmp_path, "events") == 100
+
+
+async def _with_the_writer_held(spool: Spool, *calls: Any) -> list[Any]:
+    """Run `calls` while the writer is busy with a slow job, so they share one group commit."""
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.3)
+
+    held = asyncio.ensure_future(spool._writer.run(slow))
+    await started.wait()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    await held
+    return results
+
+
+async def test_single_accepts_stored_together_still_refuse_alone(tmp_path: Path, spool: Spool):
+    # Neighbouring accepts in one group commit are stored by one call (the writer's `joint`);
+    # a message refused inside it (its idempotency key taken meanwhile) is refused alone.
+    keyed = replace(submission(), idempotency=IdempotencyKey("k", b"fingerprint"))
+    results = await _with_the_writer_held(
+        spool,
+        *[spool.accept(submission(f"u{i}@example.test")) for i in range(5)],
+        spool.accept(keyed),
+        spool.accept(keyed),
+        *[spool.accept(submission(f"v{i}@example.test")) for i in range(5)],
+    )
+    refused = [r for r in results if isinstance(r, IdempotencyConflict)]
+    assert len(refused) == 1 and refused[0].slug == "idempotency_key_in_progress"
+    assert sum(isinstance(r, Accepted) for r in results) == 11
+    assert spool_rows(tmp_path, "messages") == 11
+    assert spool_rows(tmp_path, "events") == 11
+
+
+async def test_a_job_that_breaks_the_joint_call_fails_alone(tmp_path: Path, spool: Spool):
+    # A message that fails inside the joint call for a reason of its own (here metadata that
+    # is not JSON) rolls the joint call back; the jobs then run one by one.
+    broken = replace(submission(), metadata={"x": object()})
+    results = await _with_the_writer_held(
+        spool,
+        *[spool.accept(submission(f"u{i}@example.test")) for i in range(5)],
+        spool.accept(broken),
+        *[spool.accept(submission(f"v{i}@example.test")) for i in range(5)],
+    )
+    assert isinstance(results[5], TypeError)
+    assert all(isinstance(r, Accepted) for i, r in enumerate(results) if i != 5)
+    assert spool_rows(tmp_path, "messages") == 10
+    assert spool_rows(tmp_path, "recipients") == 10
 
 
 async def test_policy_rejections_store_nothing(tmp_path: Path, spool: Spool):
