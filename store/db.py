@@ -48,16 +48,6 @@ def create_private(path: Path) -> None:
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
-#: The write connection's page cache (KiB; SQLite's default is 2,000). A transaction that holds a
-#: batch's chunk (1,000 messages of 3 KB: over 4 MB of pages with their indexes) outgrows the
-#: default cache, and SQLite then spills dirty pages to the WAL mid-transaction and writes many
-#: of them again. A 10,000-item batch on the service's loop took 2.71-2.72 s with the default,
-#: 2.25-2.47 s with 8 MiB and 2.15-2.44 s with 32 MiB; but the pages are held once used, and a
-#: 20,000-message drain's peak RSS rose by 31 MiB with 32. An idle service's cache stays small,
-#: whatever its queue.
-WRITER_CACHE_KIB = 8 * 1024
-
-
 def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
     """The one write connection; used only from the writer's thread after this call."""
     create_private(path)
@@ -73,7 +63,6 @@ def connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     # Bound the WAL file after checkpoints so a burst does not leave a huge file behind.
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
-    conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
     return conn
 
 
