@@ -3,11 +3,12 @@
 Callers submit a job (a function of the connection) and await its result. The writer takes every
 job queued while the previous batch was committing, runs them in one `BEGIN IMMEDIATE`
 transaction — each inside its own SAVEPOINT, so a failing job is rolled back alone and fails only
-its own caller — commits once (one fsync for the whole batch) and only then resolves the callers'
-futures. The longer a commit takes, the more jobs the next one carries: durability stays cheap on
-slow disks. Running the batch on one thread (as datasette does) costs one thread hop per batch
-rather than one per statement. WAL checkpoints run on a thread of their own
-(store/checkpoint.py), so that no commit waits for one.
+its own caller; neighbouring jobs that share a `joint` run as one call in one savepoint, and one
+by one again if that call fails — commits once (one fsync for the whole batch) and only then
+resolves the callers' futures. The longer a commit takes, the more jobs the next one carries:
+durability stays cheap on slow disks. Running the batch on one thread (as datasette does) costs
+one thread hop per batch rather than one per statement. WAL checkpoints run on a thread of their
+own (store/checkpoint.py), so that no commit waits for one.
 """
 
 from __future__ import annotations
