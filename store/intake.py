@@ -417,8 +417,8 @@ def _store(conn: sqlite3.Connection, jobs: Sequence[_AcceptJob]) -> list[_Stored
     No savepoint per message: a message is refused (PolicyRejected, IdempotencyConflict) only
     before its first write. Every check and read comes first, then its idempotency key (whose
     insert either writes its row or refuses); the messages that pass are then written together,
-    a few statements for all of them (a savepoint each made SQLite copy ~20 pages a message
-    into a statement journal; a statement each cost ~10 us of the writer's time apiece).
+    a few statements for all of them (a savepoint per message made SQLite copy ~20 pages a
+    message into a statement journal, and each statement per message cost the writer ~10 us).
     """
     now = time.time()
     results: list[_Stored | StoreError] = []
