@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from api.messages import SEND_CHUNK
 from tests.conftest import WITH_AND_WITHOUT_WORKERS, Running
 from tests.support import MxSink, RawSmtp
 
@@ -110,6 +111,30 @@ async def test_a_failed_commit_is_never_a_success(start: Callable[..., Any]):
         await client.close()
     assert subjects(spool_file) == ["after", "after smtp"]
     assert postroom.service.readiness.is_ready
+
+
+@WITH_AND_WITHOUT_WORKERS
+async def test_a_batch_on_a_full_disk_answers_each_item_truly(start: Callable[..., Any]):
+    # Longer than a chunk (a worker sends it to the service in two parts; the writer stores it
+    # in two jobs): the chunk that does not fit is refused item by item with 507's slug, what
+    # did fit is accepted and stored, and nothing else is.
+    postroom: Running = await start()
+    key = await postroom.new_key()
+    spool_file = postroom.service.settings.spool_path
+    items = [payload(f"#{i}") for i in range(SEND_CHUNK + 5)]
+    async with postroom.http(key) as http:
+        await postroom.spool.limit_pages(2)
+        first = await http.post("/v1/messages/batch", json=items)
+        assert first.status_code == 207
+        answers = first.json()["data"]
+        refused = [i for i, e in enumerate(answers) if "error" in e]
+        assert refused and {answers[i]["error"] for i in refused} == {"insufficient_storage"}
+        kept = sorted(f"#{i}" for i, e in enumerate(answers) if "id" in e)
+        assert sorted(subjects(spool_file)) == kept
+        await postroom.spool.limit_pages(None)
+        again = await http.post("/v1/messages/batch", json=[items[i] for i in refused])
+        assert again.status_code == 200
+    assert sorted(subjects(spool_file)) == sorted(f"#{i}" for i in range(len(items)))
 
 
 @WITH_AND_WITHOUT_WORKERS
