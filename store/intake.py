@@ -310,14 +310,8 @@ async def accept_many(
         except StoreError as exc:
             commits.append(_failed(exc))
         chunks.append(chunk)
-    outcomes: list[list[_Stored | StoreError] | BaseException]
-    if len(commits) == 1:  # every single send: no task for gather to wrap the one job in
-        try:
-            outcomes = [await commits[0]]
-        except StoreError as exc:
-            outcomes = [exc]
-    else:
-        outcomes = await asyncio.gather(*commits, return_exceptions=True)
+    # Futures already, so gather wraps none of them in a task (not even a single send's one).
+    outcomes = await asyncio.gather(*commits, return_exceptions=True)
     for chunk, outcome in zip(chunks, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             if not isinstance(outcome, StoreError):
