@@ -14,12 +14,15 @@ import pytest
 from config import Settings
 from store import (
     Accepted,
+    DeliveryJob,
     IdempotencyConflict,
     IdempotencyKey,
     NotFound,
+    Outcome,
     PolicyRejected,
     Priority,
     RecipientStatus,
+    Reply,
     Scope,
     Source,
     Spool,
@@ -154,6 +157,55 @@ async def test_a_job_that_breaks_the_joint_call_fails_alone(tmp_path: Path, spoo
     assert all(isinstance(r, Accepted) for i, r in enumerate(results) if i != 5)
     assert spool_rows(tmp_path, "messages") == 10
     assert spool_rows(tmp_path, "recipients") == 10
+
+
+async def test_outcomes_recorded_together_keep_their_order_and_fail_alone(
+    tmp_path: Path, spool: Spool
+):
+    # Neighbouring outcome records in one group commit are one call (the writer's `joint`).
+    # Each event keeps its attempt's own time, a bounce's suppression follows its bounce, and
+    # an outcome that cannot be written (data that is not JSON) fails alone.
+    for i in range(6):
+        await spool.accept(submission(f"u{i}@example.test"))
+    jobs = sorted(
+        await spool.claim_due(max_units=6, per_destination=6, lease=60), key=lambda j: j.message_seq
+    )
+    assert len(jobs) == 6
+    ok = Reply(250, "2.0.0", "ok")
+    gone = Reply(550, "5.1.1", "no such user")
+
+    def outcomes(i: int, job: DeliveryJob) -> list[Outcome]:
+        rcpt = job.recipients[0].id
+        if i == 2:
+            return [Outcome(rcpt, RecipientStatus.BOUNCED, gone, suppress=True)]
+        if i == 4:
+            return [Outcome(rcpt, RecipientStatus.DELIVERED, ok, data={"x": object()})]
+        return [Outcome(rcpt, RecipientStatus.DELIVERED, ok)]
+
+    def record(which: range) -> list[Any]:
+        return [
+            spool.record_outcomes(jobs[i], outcomes(i, jobs[i]), now=1_000_000.0 + i)
+            for i in which
+        ]
+
+    assert await _with_the_writer_held(spool, *record(range(4))) == [None] * 4
+    results = await _with_the_writer_held(spool, *record(range(4, 6)))
+    assert isinstance(results[0], TypeError) and results[1] is None
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        statuses = [r[0] for r in conn.execute("SELECT status FROM recipients ORDER BY id")]
+        events = conn.execute(
+            "SELECT type, recipient, created_at FROM events WHERE type != 'email.queued' "
+            "ORDER BY id"
+        ).fetchall()
+    assert statuses == ["delivered", "delivered", "bounced", "delivered", "sending", "delivered"]
+    assert events == [
+        ("email.delivered", "u0@example.test", 1_000_000.0),
+        ("email.delivered", "u1@example.test", 1_000_001.0),
+        ("email.bounced", "u2@example.test", 1_000_002.0),
+        ("suppression.created", "u2@example.test", 1_000_002.0),
+        ("email.delivered", "u3@example.test", 1_000_003.0),
+        ("email.delivered", "u5@example.test", 1_000_005.0),
+    ]
 
 
 async def test_policy_rejections_store_nothing(tmp_path: Path, spool: Spool):
