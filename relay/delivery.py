@@ -108,13 +108,15 @@ class DeliveryEngine:
             max_idle=cfg.max_connections,
         )
         self._running: set[asyncio.Task[None]] = set()
+        #: The attempts still talking to a host (the rest are recording their outcomes).
+        self._sending: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
             cfg = self._settings.delivery  # read each round: a reload may have changed it
-            free = cfg.max_connections - len(self._running)
+            free = self._free()
             jobs: list[DeliveryJob] = []
             if free > 0:
                 rooms, default_room, routed_room, smarthost_rooms = self._claim_rooms()
@@ -151,10 +153,11 @@ class DeliveryEngine:
                     self._attempt(job, key), name=f"deliver {job.message_id}"
                 )
                 self._running.add(task)
+                self._sending.add(task)
                 task.add_done_callback(self._done)
             if held:
                 await self._spool.release(r.id for job in held for r in job.recipients)
-            elif jobs and len(self._running) < cfg.max_connections:
+            elif jobs and self._free() > 0:
                 continue  # there may be more due work that can start now
             await self._wait_for_work(cfg.poll_interval)
 
@@ -188,9 +191,26 @@ class DeliveryEngine:
             domain
         ) is not None else None
 
+    def _free(self) -> int:
+        """How many attempts may start now. An attempt's connection is back in the cache (or
+        closed) before its outcomes are committed, so one that is only waiting for that commit
+        holds no connection: it counts against `max_connections` only while it talks to a host.
+        But at most as many again may wait for a commit, so that a slow disk bounds the jobs
+        (and their contents) held in memory."""
+        limit = self._settings.delivery.max_connections
+        return min(limit - len(self._sending), 2 * limit - len(self._running))
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._sending.discard(task)
         self._slot_freed.set()
+
+    def _sent(self) -> None:
+        """The running attempt has finished with its host: it now only records outcomes."""
+        task = asyncio.current_task()
+        if task in self._sending:
+            self._sending.discard(task)
+            self._slot_freed.set()
 
     def reconfigure(self, settings: Settings) -> None:
         """Routes, pacing and retry settings from a reload (SIGHUP); attempts under way keep
@@ -248,6 +268,7 @@ class DeliveryEngine:
             logger.exception("%s: delivery attempt failed inside Postroom", job.message_id)
             result = _failed(Reply(451, "4.3.0", "internal error during delivery"))
         self._pacer.finished(key, is_unreachable=unreachable)
+        self._sent()
         if isinstance(result, NotAttempted):
             outcomes = [not_attempted(r.id, result.reason) for r in job.recipients]
             relay = "none"

@@ -364,6 +364,26 @@ async def test_smarthost_connections_are_capped_across_recipient_domains(
     assert mx_sink.sessions_total == 0
 
 
+async def test_the_connection_cap_holds_across_destinations(
+    start: Callable[..., Any], dns: DnsServer, mx_sink: MxSink
+):
+    # `max_connections` counts the attempts talking to a host. An attempt that has finished
+    # with its host and only waits for its outcome's commit holds no connection, but the cap
+    # on the sessions open at once must hold all the same.
+    mx_sink.data_delay = 0.1  # attempts overlap
+    domains = [f"d{i}.test" for i in range(4)]
+    for domain in domains:
+        dns.add_mx(domain, f"mx.{domain}")
+        dns.add_a(f"mx.{domain}", "127.0.0.1")
+    postroom = await start(delivery={"max_connections_per_destination": 2, "max_connections": 3})
+    ids = [await submit(postroom, f"user{i}@{d}") for i in range(4) for d in domains]
+    for message_id in ids:
+        message = await until(postroom, message_id)
+        assert message.recipients[0].status is RecipientStatus.DELIVERED
+    assert len(mx_sink.messages) == 16
+    assert mx_sink.max_concurrent_data == 3
+
+
 async def test_one_slow_domain_does_not_slow_another(
     start: Callable[..., Any], dns: DnsServer, mx_sink: MxSink
 ):

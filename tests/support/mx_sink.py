@@ -65,7 +65,13 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.sink.data_delay:
-            await asyncio.sleep(self.sink.data_delay)  # a slow MX: sessions overlap
+            sink = self.sink
+            sink._in_data += 1
+            sink.max_concurrent_data = max(sink.max_concurrent_data, sink._in_data)
+            try:
+                await asyncio.sleep(sink.data_delay)  # a slow MX: sessions overlap
+            finally:
+                sink._in_data -= 1
         reply = _pop(self.sink._data_script)
         if reply and not reply.startswith("2"):
             return reply
@@ -146,6 +152,9 @@ class MxSink:
         self.messages: list[Received] = []
         self.sessions_total = 0
         self.max_concurrent_sessions = 0
+        #: With `data_delay`: the most messages in DATA at once (idle sessions not counted).
+        self.max_concurrent_data = 0
+        self._in_data = 0
         self._live: set[_SinkSMTP] = set()
         self._greeting_script: deque[str] = deque()
         self._mail_script: deque[str] = deque()
