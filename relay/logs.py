@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -44,10 +45,21 @@ class TextFormatter(logging.Formatter):
         fmt = "%(name)s: %(message)s"
         super().__init__(fmt if journal else "%(asctime)s %(levelname)s " + fmt)
         self.journal = journal
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         return _prefix(record, text) if self.journal else text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The default stamp (local time, `,` and milliseconds), its date and time made once a
+        second: one delivery logs one line, and `strftime` was a tenth of each."""
+        second = int(record.created)
+        if second != self._second:  # formatters run under their handler's lock
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -76,6 +77,7 @@ class Metrics:
             "postroom_recipient_outcomes", "Delivery outcomes recorded, by recipient status.",
             ["status"], registry=r,
         )
+        self._outcome_counters: dict[RecipientStatus, Any] = {}
         self.delivery_latency = Histogram(
             "postroom_delivery_latency_seconds",
             "From accepted to delivered, per delivered recipient.",
@@ -163,7 +165,14 @@ class Metrics:
 
     def recorded(self, job: DeliveryJob, outcomes: Sequence[Outcome], now: float) -> None:
         for outcome in outcomes:
-            self.outcomes.labels(outcome.status.value).inc()
+            # A status's child counter is looked up once: `labels()` takes a lock and builds a
+            # key each time, once per delivered message.
+            counter = self._outcome_counters.get(outcome.status)
+            if counter is None:
+                counter = self._outcome_counters[outcome.status] = self.outcomes.labels(
+                    outcome.status.value
+                )
+            counter.inc()
             if outcome.status is RecipientStatus.DELIVERED and job.created_at:
                 self.delivery_latency.observe(max(0.0, now - job.created_at))
 
