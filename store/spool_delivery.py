@@ -148,24 +148,6 @@ class SpoolDelivery(SpoolBase):
         await self._writer.run(job)
 
 
-@dataclass(frozen=True, slots=True)
-class _RecordJob:
-    """The writer job that records one attempt's outcomes (`_record` of one)."""
-
-    job: DeliveryJob
-    outcomes: tuple[Outcome, ...]
-    now: float | None
-    store_content: bool
-
-    def __call__(self, conn: sqlite3.Connection) -> list[suppressions.Change]:
-        return _record(conn, (self,))[0]
-
-    # The writer's `joint`: a group commit's outcomes recorded by one call. During a drain
-    # nearly every job the writer runs is one of these, and a savepoint and four statements each
-    # were a third of the writer's time.
-    joint = staticmethod(lambda conn, jobs: _record(conn, jobs))
-
-
 def _record(
     conn: sqlite3.Connection, records: Sequence[_RecordJob]
 ) -> list[list[suppressions.Change]]:
@@ -221,6 +203,24 @@ def _record(
         out.append(changes)
     append_events_at(conn, events)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _RecordJob:
+    """The writer job that records one attempt's outcomes (`_record` of one)."""
+
+    job: DeliveryJob
+    outcomes: tuple[Outcome, ...]
+    now: float | None
+    store_content: bool
+
+    def __call__(self, conn: sqlite3.Connection) -> list[suppressions.Change]:
+        return _record(conn, (self,))[0]
+
+    # The writer's `joint`: a group commit's outcomes recorded by one call. During a drain
+    # nearly every job the writer runs is one of these, and a savepoint and four statements each
+    # were a third of the writer's time.
+    joint = staticmethod(_record)
 
 
 def _suppress(
