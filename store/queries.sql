@@ -303,8 +303,8 @@ WHERE api_key_id = :api_key_id AND key IN (SELECT value FROM json_each(:keys))
 -- ==== operations: queue summary ====
 
 -- name: pending_by_status
--- Pending units (due_at is set exactly while a unit is pending, so recipients_due covers them),
--- counted per status, with the oldest message among them (seq grows with acceptance time).
+-- Pending units (due_at is set exactly while a unit is pending), counted per status, with the
+-- oldest message among them (seq grows with acceptance time).
 SELECT status, count(*) AS units, min(message_seq) AS oldest_seq
 FROM recipients WHERE due_at IS NOT NULL GROUP BY status;
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from store import (
     Spool,
     StorageFull,
     Submission,
+    migrate,
 )
 from store.db import connect_writer
 from store.intake import header_block, normalise_line_endings
@@ -322,6 +324,26 @@ async def test_key_hash_secret_changes_the_digest(tmp_path: Path):
 def test_migrations_are_numbered_without_gaps():
     versions = [m.version for m in migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_every_index_serves_a_query(tmp_path: Path):
+    """Each index costs every write of its table (intake, each claim and each recorded outcome
+    keep the recipients' indexes): one that no query's plan uses is only that cost."""
+    migrate(tmp_path / "spool.sqlite3")
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        used: set[str] = set()
+        for name, sql in Q.items():
+            params = {p: "[]" if p in ("ids", "seqs") else None for p in re.findall(r":(\w+)", sql)}
+            try:
+                plan = conn.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+            except sqlite3.Error as exc:  # every named query must at least be valid SQL here
+                raise AssertionError(f"{name}: {exc}") from exc
+            used.update(re.findall(r"\bINDEX (\w+)", " ".join(row[3] for row in plan)))
+        indexes = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )}
+    assert "recipients_destination_due" in indexes  # the check sees the migrated schema
+    assert indexes - used == set()
 
 
 async def test_restricted_key_checks_envelope_sender_and_from_header(spool: Spool):
