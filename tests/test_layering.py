@@ -81,3 +81,22 @@ def test_worker_process_does_not_load_the_crypto_libraries():
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert found == "[]"
+
+
+def test_the_cli_loads_the_service_and_the_api_app_only_for_the_commands_that_run_them():
+    # Every `postroom` command started by importing the service, the doctor, the API app and
+    # the webhook dispatcher (httpx): ~1.6 s of imports before `keys list` could begin. `serve`,
+    # `doctor`, `init` and `webhooks add/test` import what they run themselves.
+    import subprocess
+    import sys
+
+    heavy = {"relay.service", "relay.doctor", "relay.webhooks", "api.app"}
+    found = subprocess.run(
+        [
+            sys.executable, "-c",
+            "import sys, relay.cli; "
+            f"print(sorted(set(sys.modules) & set({sorted(heavy)!r})))",
+        ],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert found == "[]"

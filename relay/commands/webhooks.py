@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
@@ -10,14 +11,18 @@ from pydantic import ValidationError
 from api.models import WebhookCreate, WebhookOut
 from config import Settings
 from relay.commands.context import emit, fail, settings_of, with_spool
-from relay.egress import Egress
-from relay.egress import build_resolver as build_webhook_resolver
-from relay.webhooks import WebhookDispatcher
 from store import AttemptResult, NewWebhook, Spool, UrlRefusal
+
+if TYPE_CHECKING:
+    from relay.egress import Egress
 
 
 def _egress(settings: Settings) -> Egress:
-    return Egress(build_webhook_resolver(settings), settings.webhooks.allow_private_networks)
+    # Imported here, as `relay.webhooks` below: httpx and the dispatcher were a fifth of every
+    # `postroom` command's start, and only `add` and `test` reach the network.
+    from relay.egress import Egress, build_resolver
+
+    return Egress(build_resolver(settings), settings.webhooks.allow_private_networks)
 
 
 @click.group()
@@ -107,6 +112,8 @@ def webhooks_test(ctx: click.Context, webhook_id: str, as_json: bool) -> None:
     settings = settings_of(ctx)
 
     async def work(spool: Spool) -> AttemptResult:
+        from relay.webhooks import WebhookDispatcher
+
         endpoint = await spool.get_webhook(webhook_id)
         dispatcher = WebhookDispatcher(spool, settings, _egress(settings))
         try:
