@@ -65,38 +65,31 @@ def test_every_event_type_is_documented_in_readme():
         assert f"`{event.value}`" in readme, event.value
 
 
-def test_worker_process_does_not_load_the_crypto_libraries():
-    # A worker process (SMTP and API) signs nothing and, without encryption at rest, seals
-    # nothing: `cryptography` and dkimpy would add ~11 MiB to its RSS (bench/memory.py), so they
-    # are imported where they are used (store/crypto.py, relay/domains.py).
+def loaded_by(module: str, names: set[str]) -> list[str]:
+    """Which of `names` a fresh interpreter has in `sys.modules` once it imported `module`."""
     import subprocess
     import sys
 
     found = subprocess.run(
         [
             sys.executable, "-c",
-            "import sys, relay.worker; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'dkim'}))",
+            f"import sys, {module}; print(sorted(set(sys.modules) & set({sorted(names)!r})))",
         ],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.strip()
-    assert found == "[]"
+    return list(ast.literal_eval(found))
+
+
+def test_worker_process_does_not_load_the_crypto_libraries():
+    # A worker process (SMTP and API) signs nothing and, without encryption at rest, seals
+    # nothing: `cryptography` and dkimpy would add ~11 MiB to its RSS (bench/memory.py), so they
+    # are imported where they are used (store/crypto.py, relay/domains.py).
+    assert loaded_by("relay.worker", {"cryptography", "dkim"}) == []
 
 
 def test_the_cli_loads_the_service_and_the_api_app_only_for_the_commands_that_run_them():
     # Every `postroom` command started by importing the service, the doctor, the API app and
     # the webhook dispatcher (httpx): ~1.6 s of imports before `keys list` could begin. `serve`,
     # `doctor`, `init` and `webhooks add/test` import what they run themselves.
-    import subprocess
-    import sys
-
     heavy = {"relay.service", "relay.doctor", "relay.webhooks", "api.app"}
-    found = subprocess.run(
-        [
-            sys.executable, "-c",
-            "import sys, relay.cli; "
-            f"print(sorted(set(sys.modules) & set({sorted(heavy)!r})))",
-        ],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert found == "[]"
+    assert loaded_by("relay.cli", heavy) == []
