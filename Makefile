@@ -28,8 +28,11 @@ lint: $(VENV)/.test-extras
 typecheck: $(VENV)/.test-extras
 	$(BIN)/mypy
 
+# One pytest process per core (`-n auto`); `make test PYTEST_WORKERS=0` runs the suite in one.
+PYTEST_WORKERS ?= auto
+
 pytest: $(VENV)/.test-extras
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 
