@@ -31,7 +31,10 @@ typecheck: $(VENV)/.test-extras
 # One pytest process per core (`-n auto`); `make test PYTEST_WORKERS=0` runs the suite in one.
 PYTEST_WORKERS ?= auto
 
+# The suite starts hundreds of Python processes (workers, the CLI, `postroom serve`): compile the
+# sources once, so that none compiles them again where PYTHONDONTWRITEBYTECODE is set.
 pytest: $(VENV)/.test-extras
+	$(BIN)/python -m compileall -q relay api store config tests
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
