@@ -1,8 +1,8 @@
 """Benchmark: what aiosmtpd alone costs per session, the floor under Postroom's SMTP workers.
 
 Starts a bare aiosmtpd server (uvloop, a handler that answers `250` to DATA and keeps nothing)
-in a child process on a free loopback port, runs `smtp-source` against it with the load of
-`vs_postfix.sh` (20 sessions, 3 KB, one recipient, a new connection per message), and prints
+in a child process on a loopback port it picks, runs `smtp-source` against it with the load
+of `vs_postfix.sh` (20 sessions, 3 KB, one recipient, a new connection per message), and prints
 msgs/s and the server's CPU per message. Compare its CPU per message with a Postroom worker's
 under the same load (`vs_postfix.sh` prints neither: read the worker's CPU from /proc, or run
 this next to it): Postroom's worker can cost no less than this, whatever the spool does.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import time
 from _postroom import cpu_seconds, machine, mib, read_status_kib
 
 
-def serve(port: int) -> None:
+def serve() -> None:
     import uvloop
     from aiosmtpd.smtp import SMTP
 
@@ -38,19 +37,13 @@ def serve(port: int) -> None:
         loop = asyncio.get_running_loop()
         handler = Handler()
         server = await loop.create_server(
-            lambda: SMTP(handler, hostname="floor.bench.test"), "127.0.0.1", port
+            lambda: SMTP(handler, hostname="floor.bench.test"), "127.0.0.1", 0
         )
-        print("ready", flush=True)
+        print(server.sockets[0].getsockname()[1], flush=True)  # the port, once it listens
         async with server:
             await server.serve_forever()
 
     uvloop.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> int:
@@ -58,23 +51,23 @@ def main() -> int:
     parser.add_argument("-n", "--messages", type=int, default=2000, help="messages (2000)")
     parser.add_argument("-s", "--sessions", type=int, default=20, help="sessions (20)")
     parser.add_argument("--size", type=int, default=3000, help="message bytes (3000)")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve is not None:
-        serve(args.serve)
+    if args.serve:
+        serve()
         return 0
     source = shutil.which("smtp-source") or shutil.which("smtp-source", path="/usr/sbin")
     if source is None:
         print("aiosmtpd_floor: smtp-source is missing (Postfix's package)", file=sys.stderr)
         return 2
     print(machine())
-    port = free_port()
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None
-        if child.stdout.readline().strip() != "ready":
+        port = child.stdout.readline().strip()
+        if not port.isdigit():
             print("aiosmtpd_floor: the server did not start", file=sys.stderr)
             return 1
         cpu_before = cpu_seconds(child.pid) or 0.0
