@@ -4,8 +4,8 @@ Starts a bare aiosmtpd server (uvloop, a handler that answers `250` to DATA and 
 in a child process on a loopback port it picks, runs `smtp-source` against it with the load
 of `vs_postfix.sh` (20 sessions, 3 KB, one recipient, a new connection per message), and prints
 msgs/s and the server's CPU per message. Compare its CPU per message with a Postroom worker's
-under the same load (`vs_postfix.sh` prints neither: read the worker's CPU from /proc, or run
-this next to it): Postroom's worker can cost no less than this, whatever the spool does.
+under the same load (`vs_postfix.sh` prints no CPU figures: read the worker's from /proc, or
+run this next to it): Postroom's worker can cost no less than this, whatever the spool does.
 
 Needs `smtp-source` (Postfix's package; `vs_postfix.sh` installs it).
 
