@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import inspect
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ import re
 import secrets
 import ssl
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -250,6 +252,65 @@ def _hook_names(cls: type) -> list[str]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class _Prototype:
+    """What aiosmtpd's `SMTP.__init__` made of one session, for the next sessions built with the
+    same class, handler and options: its plain attributes, and the names behind its tables of
+    bound methods, which each session binds to itself again."""
+
+    state: dict[str, Any]
+    smtp_methods: tuple[tuple[str, str], ...]  # (command, attribute of the session)
+    auth_methods: tuple[tuple[str, str, bool], ...]  # (mechanism, attribute, of the session?)
+    auth_type: type
+
+
+#: What `asyncio.StreamReaderProtocol.__init__` sets, which each session makes for itself.
+_STREAM_STATE: frozenset[str] | None = None
+#: Tables whose values `_prototype_of` checks one by one.
+_TABLES = frozenset({"_smtp_methods", "_auth_methods", "_handle_hooks"})
+
+
+def _prototype_of(session: SubmissionSMTP, handler: SubmissionHandler) -> _Prototype | None:
+    """The prototype of a session `SMTP.__init__` just built, or None where some attribute is
+    not one a prototype may share (a later aiosmtpd's new state): then every session of its
+    kind is built the long way, as aiosmtpd builds it."""
+    global _STREAM_STATE
+    if _STREAM_STATE is None:
+        loop = session.loop
+        bare = asyncio.StreamReaderProtocol(  # as `_init_from` calls it
+            asyncio.StreamReader(loop=loop), client_connected_cb=session._cb_client_connected,
+            loop=loop,
+        )
+        _STREAM_STATE = frozenset(vars(bare))
+    state = {k: v for k, v in vars(session).items() if k not in _STREAM_STATE}
+    shared = (type(None), bool, int, float, str, ssl.SSLContext, types.FunctionType)
+    for name, value in state.items():
+        if name in _TABLES or value is handler or value is session.loop:
+            continue
+        if not isinstance(value, shared):
+            return None
+    if any(getattr(hook, "__self__", None) is not handler
+           for hook in state["_handle_hooks"].values()):
+        return None
+    smtp_methods = []
+    for command, method in state.pop("_smtp_methods").items():
+        attribute = getattr(getattr(method, "__func__", None), "__name__", "")
+        if method.__self__ is not session or getattr(session, attribute) != method:
+            return None
+        smtp_methods.append((command, attribute))
+    auth_methods = []
+    auth_type: type = tuple
+    for mechanism, entry in state.pop("_auth_methods").items():
+        auth_type = type(entry)
+        method, is_builtin = entry
+        owner = session if is_builtin else handler
+        attribute = getattr(getattr(method, "__func__", None), "__name__", "")
+        if method.__self__ is not owner or getattr(owner, attribute) != method:
+            return None
+        auth_methods.append((mechanism, attribute, bool(is_builtin)))
+    return _Prototype(state, tuple(smtp_methods), tuple(auth_methods), auth_type)
+
+
 class SubmissionSMTP(SMTP):
     """aiosmtpd's protocol for one admitted session, with what its hooks cannot do.
 
@@ -257,10 +318,28 @@ class SubmissionSMTP(SMTP):
     `smtp.session_timeout`, adds enhanced status codes to aiosmtpd's own replies, and refuses RCPT
     from unauthenticated, untrusted clients before aiosmtpd parses the address, so no address
     form (source routes, bang paths, quoted local parts, …) reaches any other check.
+
+    aiosmtpd's `SMTP.__init__` finds every session's methods and hooks by introspection
+    (`inspect.getmembers`, `dir`, `inspect.signature`): about a tenth of an SMTP worker's CPU
+    for a message sent on its own connection (profiled under bench/vs_postfix.sh). Only the
+    first session of each kind is built that way; the next ones copy its state from a
+    `_Prototype` and bind its tables to themselves.
     """
 
     def __init__(self, handler: SubmissionHandler, admission: Admission, **options: Any) -> None:
-        super().__init__(handler, **options)
+        loop = asyncio.get_running_loop()
+        key = (type(self), tuple(options.items()))
+        prototypes = handler.prototypes
+        prototype = prototypes.get(key, False)
+        if isinstance(prototype, _Prototype):
+            self._init_from(prototype, handler, loop)
+        else:
+            super().__init__(handler, loop=loop, **options)
+            if prototype is False:  # None: this kind cannot have one
+                prototypes[key] = _prototype_of(self, handler)
+        # aiosmtpd keeps these limits in a dict of the class, which every new session clears
+        # and every EHLO raises: each session keeps its own.
+        self.command_size_limits = collections.defaultdict(self._command_size_limit)
         self.admission = admission
         self._handler = handler
         self._deadline: asyncio.TimerHandle | None = None
@@ -269,6 +348,31 @@ class SubmissionSMTP(SMTP):
         #: The API key this session authenticated with, kept (in memory only, never logged) so
         #: that each MAIL can check it was not revoked since (`SubmissionHandler._recheck_key`).
         self.auth_secret: str | None = None
+
+    def _init_from(
+        self, prototype: _Prototype, handler: SubmissionHandler, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        own = vars(self)
+        own.update(prototype.state)
+        self.loop = loop
+        self._handle_hooks = dict(prototype.state["_handle_hooks"])
+        self._smtp_methods = {
+            command: getattr(self, attribute) for command, attribute in prototype.smtp_methods
+        }
+        self._auth_methods = {
+            mechanism: prototype.auth_type(getattr(self if is_builtin else handler, attribute),
+                                           is_builtin)
+            for mechanism, attribute, is_builtin in prototype.auth_methods
+        }
+
+    def _command_size_limit(self) -> int:
+        return self.command_size_limit
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self))
@@ -436,6 +540,8 @@ class SubmissionHandler:
     def __init__(self, door: Door, settings: Settings) -> None:
         self.door = door
         self.settings = settings
+        #: `SubmissionSMTP`'s prototypes, by session class and options (None: none possible).
+        self.prototypes: dict[tuple[type, tuple[tuple[str, Any], ...]], _Prototype | None] = {}
 
     def _admission(self, server: SMTP) -> Admission:
         assert isinstance(server, SubmissionSMTP)

@@ -5,12 +5,26 @@ Raw sockets throughout: every byte the client sends is the one the test means.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
 import ssl
+import types
+from typing import Any, cast
 
 import pytest
 
-from relay.submission import enhance_reply, is_trusted, parse_networks
+from relay.submission import (
+    Admission,
+    Door,
+    SubmissionHandler,
+    SubmissionSMTP,
+    _Prototype,
+    enhance_reply,
+    is_trusted,
+    parse_networks,
+    protocol_factory,
+)
 from store import Scope
 from tests.conftest import Running
 from tests.support import MxSink, RawSmtp, wait_until
@@ -183,6 +197,59 @@ async def test_lines_longer_than_rfc_5321_allows_are_500(start):
         assert reply.startswith("500 5.5.2")
         assert (await client.command("NOOP")).startswith("250 2.0.0")
     assert await postroom.spool.list_messages() == []
+
+
+async def test_a_new_session_leaves_the_line_limits_of_open_ones_alone(start):
+    # EHLO raises the MAIL line limit by what SIZE= and SMTPUTF8 add (512 + 36); aiosmtpd keeps
+    # the limits in one dict of its class, which every new connection used to reset.
+    postroom = await start(smtp=TRUSTED)
+    long_mail = "MAIL FROM:<cron@acme.test> SIZE=100 SMTPUTF8 " + "x" * 490
+    assert 512 < len(long_mail) <= 548
+    async with await RawSmtp.open(postroom.smtp_port) as first:
+        await first.command("EHLO first.test")
+        async with await RawSmtp.open(postroom.smtp_port) as second:  # greeted: a session
+            reply = await first.command(long_mail)
+            assert not reply.startswith("500"), reply
+            assert (await second.command(long_mail)).startswith("500 5.5.2")  # no EHLO yet
+            assert (await second.command("EHLO second.test")).startswith("250")
+            assert (await second.command(long_mail + "x" * 40)).startswith("500 5.5.2")
+
+
+def _shape(session: SubmissionSMTP, handler: SubmissionHandler) -> dict[str, object]:
+    """A session's attributes, with its bound methods as (function, owner) and what every
+    session must have its own of (futures, streams, buffers) as its type."""
+
+    def shape(value: object) -> object:
+        if isinstance(value, types.MethodType):
+            owner = {id(session): "session", id(handler): "handler"}.get(id(value.__self__))
+            return (value.__func__, owner)
+        if isinstance(value, dict) and not isinstance(value, collections.defaultdict):
+            return {k: shape(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return (type(value), *map(shape, value))
+        if value is None or value is handler or isinstance(
+            value, (bool, int, float, str, types.FunctionType, asyncio.AbstractEventLoop,
+                    Admission)
+        ):
+            return value
+        return type(value)
+
+    return {name: shape(value) for name, value in vars(session).items()}
+
+
+async def test_sessions_after_the_first_are_built_as_aiosmtpd_builds_them(make_settings):
+    # Only the first session of a kind runs aiosmtpd's introspecting __init__; the next ones
+    # copy it (relay/submission.py `_Prototype`). They must come out the same, bound to
+    # themselves, or a later aiosmtpd must make every session go the long way.
+    handler = SubmissionHandler(cast(Door, None), make_settings())
+    factory = protocol_factory(handler, None, is_implicit_tls=False)
+    admission = Admission(client="127.0.0.1", is_trusted=True)
+    first, second = (cast(Any, factory())._make_session(admission) for _ in range(2))
+    assert [type(p) for p in handler.prototypes.values()] == [_Prototype]
+    assert _shape(second, handler) == _shape(first, handler)
+    assert second._smtp_methods["MAIL"] == second.smtp_MAIL
+    assert second._auth_methods["PLAIN"].method == handler.auth_PLAIN
+    assert second.command_size_limits is not first.command_size_limits
 
 
 async def test_sessions_per_ip_and_in_all_are_limited(start):
