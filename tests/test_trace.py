@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -115,3 +115,22 @@ def test_stamp_keeps_the_senders_message_id_and_date():
 def test_stamp_puts_a_headerless_message_into_the_body():
     out = stamped(b"hello, no header here\r\n")
     assert out.endswith(b"\r\n\r\nhello, no header here\r\n")
+
+
+def test_each_message_is_dated_with_its_own_second_and_zone():
+    # The date text is made once a second (`date_text`): the next second, or the same instant
+    # in another zone, must still be written as email.utils writes it.
+    later = NOW.replace(second=6, microsecond=999_999)
+    elsewhere = NOW.astimezone(timezone(timedelta(hours=-5)))
+    dates = [
+        stamp(b"Subject: x\r\n\r\nbody\r\n", FACTS, hostname="mx.test", recipients=["a@b.test"],
+              now=now, message_id="<m@mx.test>").split(b"\r\nDate: ")[1].split(b"\r\n")[0]
+        for now in (NOW, NOW.replace(microsecond=500_000), later, elsewhere, NOW)
+    ]
+    assert dates == [
+        b"Fri, 02 Jan 2026 03:04:05 +0000",
+        b"Fri, 02 Jan 2026 03:04:05 +0000",
+        b"Fri, 02 Jan 2026 03:04:06 +0000",
+        b"Thu, 01 Jan 2026 22:04:05 -0500",
+        b"Fri, 02 Jan 2026 03:04:05 +0000",
+    ]
