@@ -186,6 +186,8 @@ async def test_a_single_send_answers_a_bad_key_before_a_bad_body_and_names_the_s
     async with postroom.http("pr_wrong") as wrong:
         refused = await wrong.post("/v1/messages", **broken)
         assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+        for path in ("/v1/messages/batch", "/v1/send", "/v1/send/batch"):
+            assert (await wrong.post(path, **broken)).status_code == 401, path
     async with postroom.http(key) as http:
         bad = await http.post("/v1/messages", **broken)
         assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
