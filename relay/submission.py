@@ -266,6 +266,9 @@ class _Prototype:
 
 #: What `asyncio.StreamReaderProtocol.__init__` sets, which each session makes for itself.
 _STREAM_STATE: frozenset[str] | None = None
+#: Prototypes a handler keeps at most: one per session class and listener, and a new one for
+#: each TLS context a reload brings (the old ones are dropped with the rest).
+_MAX_PROTOTYPES = 8
 #: Tables whose values `_prototype_of` checks one by one.
 _TABLES = frozenset({"_smtp_methods", "_auth_methods", "_handle_hooks"})
 
@@ -311,6 +314,11 @@ def _prototype_of(session: SubmissionSMTP, handler: SubmissionHandler) -> _Proto
     return _Prototype(state, tuple(smtp_methods), tuple(auth_methods), auth_type)
 
 
+def _command_size_limit() -> int:
+    """A command line's limit before EHLO raises it, as aiosmtpd's class-wide dict gives it."""
+    return SMTP.command_size_limit
+
+
 class SubmissionSMTP(SMTP):
     """aiosmtpd's protocol for one admitted session, with what its hooks cannot do.
 
@@ -336,10 +344,12 @@ class SubmissionSMTP(SMTP):
         else:
             super().__init__(handler, loop=loop, **options)
             if prototype is False:  # None: this kind cannot have one
+                if len(prototypes) >= _MAX_PROTOTYPES:  # options renewed by reloads
+                    prototypes.clear()
                 prototypes[key] = _prototype_of(self, handler)
         # aiosmtpd keeps these limits in a dict of the class, which every new session clears
         # and every EHLO raises: each session keeps its own.
-        self.command_size_limits = collections.defaultdict(self._command_size_limit)
+        self.command_size_limits = collections.defaultdict(_command_size_limit)
         self.admission = admission
         self._handler = handler
         self._deadline: asyncio.TimerHandle | None = None
@@ -370,9 +380,6 @@ class SubmissionSMTP(SMTP):
                                            is_builtin)
             for mechanism, attribute, is_builtin in prototype.auth_methods
         }
-
-    def _command_size_limit(self) -> int:
-        return self.command_size_limit
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self))
