@@ -55,7 +55,7 @@ class LocalDoor:
         """Count a new connection from `host`, or say why it is refused (nothing counted then)."""
         known = self._clients.get(host)
         if known is None:
-            # Parsing the address twice was a twentieth of the service's loop per connection
+            # Parsing the address twice was about 4% of the service's loop per connection
             # (profiled under bench/vs_postfix.sh): it is done once per host, for a bounded
             # table of recent hosts.
             if len(self._clients) >= _KNOWN_HOSTS:
