@@ -227,10 +227,11 @@ def is_encrypted(server: SMTP) -> bool:
 
 
 # aiosmtpd's SMTP.__init__ finds the protocol's smtp_*/auth_* methods and the handler's
-# handle_*/auth_* hooks with dir() and inspect.getmembers() for every new connection: about 0.2 ms
-# of the loop per connection, a tenth of the work of a message sent on its own connection
-# (profiled under bench/vs_postfix.sh). Those names belong to the classes, so both objects list
-# only them, computed once per class; nothing else here relies on dir().
+# handle_*/auth_* hooks with dir() and inspect.getmembers(): about 0.2 ms of the loop a session
+# (profiled under bench/vs_postfix.sh). Sessions are built from a `_Prototype` instead, so this
+# runs for the first session of each kind, and for every session only where no prototype can be
+# made. Those names belong to the classes, so both objects list only them, computed once per
+# class; nothing else here relies on dir().
 _HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
 _hook_names_of: dict[type, list[str]] = {}
 
