@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -74,6 +75,61 @@ def test_configure_writes_json_and_keeps_chatty_loggers_at_their_floor():
 
 def lines_of(caplog: pytest.LogCaptureFixture, message_id: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(message_id + ":")]
+
+
+class _Writes(io.StringIO):
+    """A stream that counts the writes made to it."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_a_loop_logs_are_written_together_in_order_and_none_is_lost():
+    root = logging.getLogger()
+    level = root.level
+    stream = _Writes()
+    logs.configure(Settings(server={"log_level": "INFO"}), stream)
+    log = logging.getLogger("relay.test")
+    try:
+        for n in range(3):
+            log.info("accepted %d", n)
+        log.warning("a warning goes out at once, after the lines before it")
+        log.info("accepted 3")
+        log.info("accepted 4")
+        assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "accepted 0", "accepted 1", "accepted 2",
+            "a warning goes out at once, after the lines before it",
+        ]
+        assert stream.writes == 1  # the three lines and the warning: one write
+        await asyncio.sleep(0)  # the loop's pass is over: what it logged is written
+        assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()[4:]] == [
+            "accepted 3", "accepted 4",
+        ]
+        assert stream.writes == 2
+        log.info("kept until the handler is flushed, as logging.shutdown does at exit")
+        logs._handler.flush()  # type: ignore[union-attr]
+        assert stream.getvalue().splitlines()[-1].endswith("as logging.shutdown does at exit")
+    finally:
+        root.removeHandler(logs._handler)  # type: ignore[arg-type]
+        logs._handler = None
+        root.setLevel(level)
+
+
+def test_lines_logged_off_a_loop_are_written_at_once():
+    root = logging.getLogger()
+    level = root.level
+    stream = _Writes()
+    logs.configure(Settings(server={"log_level": "INFO"}), stream)
+    try:
+        logging.getLogger("relay.test").info("from a thread with no loop")
+        assert stream.getvalue().endswith("relay.test: from a thread with no loop\n")
+    finally:
+        root.removeHandler(logs._handler)  # type: ignore[arg-type]
+        logs._handler = None
+        root.setLevel(level)
 
 
 async def test_acceptance_and_cancel_log_one_line_per_recipient(
