@@ -33,6 +33,11 @@ class KeyCheck:
     decision: Decision | None = None
     per_minute: int = 0
 
+    @property
+    def admits(self) -> bool:
+        """Whether the request may go on (a key found, not over its limit)."""
+        return self.principal is not None and (self.decision is None or self.decision.allowed)
+
 
 async def check_key(state: AppState, client: str, secret: str) -> KeyCheck:
     """Look `secret` up for `client`, against the failed-authentication and per-key limits."""
@@ -60,17 +65,28 @@ async def check_key(state: AppState, client: str, secret: str) -> KeyCheck:
 async def authenticate(request: Request, scope: Scope = Scope.SEND) -> Principal:
     """The principal behind the request's key; 401 without a valid key, 403 without `scope`,
     429 over a rate limit."""
+    client, secret = bearer(request)
+    state: AppState = request.app.state.postroom
+    link = state.link
+    if link is not None:
+        check = await link.check_key(client, secret)
+    else:
+        check = await check_key(state, client, secret)
+    return admit(request, check, scope)
+
+
+def bearer(request: Request) -> tuple[str, str]:
+    """The client's address and the request's Bearer secret; 401 without one."""
     header = request.headers.get("authorization", "")
     kind, _, secret = header.partition(" ")
     if kind.lower() != "bearer" or not secret.strip():
         raise Unauthorized()
-    state: AppState = request.app.state.postroom
-    client = request.client.host if request.client else ""
-    link = state.link
-    if link is not None:
-        check = await link.check_key(client, secret.strip())
-    else:
-        check = await check_key(state, client, secret.strip())
+    return (request.client.host if request.client else ""), secret.strip()
+
+
+def admit(request: Request, check: KeyCheck, scope: Scope) -> Principal:
+    """The principal `check` found, its rate-limit headers set on the answer; the error that
+    refuses the request otherwise (429 locked out, 401, 429 over the key's limit, 403)."""
     if check.locked_for is not None:
         raise TooManyRequests(
             "too many failed authentications from this address; wait and retry",

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from api.auth import authenticate
+from api.auth import KeyCheck, admit, authenticate, bearer, check_key
 from api.body import read_json
 from api.compose import compose, envelope_recipients, envelope_sender
 from api.errors import (
@@ -175,6 +175,11 @@ def _from_value(body: Mapping[str, Any]) -> Any:
 
 async def load_context(spool: Spool, bodies: Sequence[object]) -> SendContext:
     """The templates and default sender names `bodies` refer to (unknown ones left out)."""
+    return await load_wanted(spool, *context_wanted(bodies))
+
+
+def context_wanted(bodies: Sequence[object]) -> tuple[list[str], list[str]]:
+    """The template ids or names and the From domains `bodies` need looked up, sorted."""
     refs: set[str] = set()
     domains: set[str] = set()
     for body in bodies:
@@ -191,14 +196,66 @@ async def load_context(spool: Spool, bodies: Sequence[object]) -> SendContext:
                 continue  # validation names it
             if not display:  # a sender with a name of its own keeps it (`prepare`)
                 domains.add(address.rpartition("@")[2])
+    return sorted(refs), sorted(domains)
+
+
+async def load_wanted(spool: Spool, refs: Sequence[str], domains: Sequence[str]) -> SendContext:
+    """The templates `refs` names and the default sender names of `domains` (unknown ones left
+    out)."""
     templates: dict[str, Template] = {}
-    for ref in sorted(refs):
+    for ref in refs:
         try:
             templates[ref] = await spool.get_template(ref)
         except NotFound:
             pass
     names = await spool.default_sender_names(domains) if domains else {}
     return SendContext(templates, names)
+
+
+async def check_key_for_send(
+    state: AppState, client: str, secret: str, refs: Sequence[str], domains: Sequence[str]
+) -> tuple[KeyCheck, SendContext | None]:
+    """The key check and, when it lets the request go on, what its body needs from the spool:
+    what the service answers a worker's single send in one round trip (`ServiceLink`)."""
+    check = await check_key(state, client, secret)
+    if not check.admits:
+        return check, None
+    return check, await load_wanted(state.spool, refs, domains)
+
+
+async def _start_single(request: Request, state: AppState) -> tuple[Principal, Any, SendContext]:
+    """A single send's principal, body and context, the errors in the order of a key check
+    first: 429/401/403 before 413/400.
+
+    In a worker, a body of at most `_EARLY_READ` bytes is read first, so that the service checks
+    the key and looks up what the body needs in one round trip instead of two; its read error,
+    if any, comes after the key's. A larger or unsized body is read only after the key check,
+    so that no client without a key makes the worker parse much.
+    """
+    link = state.link
+    limit = state.settings.api.max_request_size
+    declared = request.headers.get("content-length", "")
+    if link is None or not declared.isdigit() or int(declared) > _EARLY_READ:
+        principal = await authenticate(request, Scope.SEND)
+        body = await read_json(request, limit)
+        return principal, body, await load_context(state.spool, [body])
+    client, secret = bearer(request)
+    unread: ApiError | None = None
+    try:
+        body = await read_json(request, limit)
+    except ApiError as exc:
+        body, unread = None, exc
+    refs, domains = context_wanted([body])
+    check, context = await link.check_key_for_send(client, secret, refs, domains)
+    principal = admit(request, check, Scope.SEND)
+    if unread is not None:
+        raise unread
+    assert context is not None  # admitted: the service looked it up
+    return principal, body, context
+
+
+#: A single send's body up to this size is read before its key is checked (`_start_single`).
+_EARLY_READ = 64 * 1024
 
 
 def apply_template(body: dict[str, Any], context: SendContext) -> dict[str, Any]:
@@ -600,10 +657,8 @@ async def prepare_and_send(
 
 async def send_message(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, Scope.SEND)
-    body = await read_json(request, state.settings.api.max_request_size)
+    principal, body, context = await _start_single(request, state)
     header = request.headers.get("idempotency-key")
-    context = await load_context(state.spool, [body])
     item = await prepare_one(state, prepare, body, principal, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result)
@@ -622,10 +677,8 @@ async def send_batch(request: Request) -> JSONResponse:
 
 async def send_compat(request: Request) -> JSONResponse:
     state: AppState = request.app.state.postroom
-    principal = await authenticate(request, Scope.SEND)
-    body = await read_json(request, state.settings.api.max_request_size)
+    principal, body, context = await _start_single(request, state)
     header = request.headers.get("idempotency-key")
-    context = await load_context(state.spool, [body])
     item = await prepare_one(state, prepare_compat, body, principal, time.time(), header, context)
     [result] = await send_items(state, principal, [item])
     return _single(result, {"idempotency_key": item.compat_key} if item.compat_key else None)

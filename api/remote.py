@@ -16,12 +16,12 @@ Owns both ends of that conversation but no transport: the worker's side is given
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from api.auth import KeyCheck, check_key
 from api.errors import NotFoundError
-from api.messages import Item, Result, send_items
+from api.messages import Item, Result, SendContext, check_key_for_send, send_items
 from api.types import AppState
 from store import AttemptResult, Principal, UrlRefusal, WebhookEndpoint
 
@@ -103,6 +103,14 @@ class Link:
         check: KeyCheck = await self._call("api.key", client, secret)
         return check
 
+    async def check_key_for_send(
+        self, client: str, secret: str, refs: Sequence[str], domains: Sequence[str]
+    ) -> tuple[KeyCheck, SendContext | None]:
+        answer: tuple[KeyCheck, SendContext | None] = await self._call(
+            "api.key_for_send", client, secret, refs, domains
+        )
+        return answer
+
     async def send(self, principal: Principal, items: list[Item]) -> list[Result]:
         results: list[Result] = await self._call("api.send", principal, items)
         return results
@@ -138,6 +146,8 @@ class Answers:
         state = self._state
         if op == "api.key":
             return check_key(state, *args)
+        if op == "api.key_for_send":
+            return check_key_for_send(state, *args)
         if op == "api.send":
             return send_items(state, *args)
         if op == "api.spool":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -21,7 +21,7 @@ from store import (
 
 if TYPE_CHECKING:
     from api.auth import KeyCheck
-    from api.messages import Item, Result
+    from api.messages import Item, Result, SendContext
 
 
 class ReadinessProbe(Protocol):
@@ -91,6 +91,13 @@ class ServiceLink(Protocol):
     """
 
     async def check_key(self, client: str, secret: str) -> KeyCheck: ...
+
+    async def check_key_for_send(
+        self, client: str, secret: str, refs: Sequence[str], domains: Sequence[str]
+    ) -> tuple[KeyCheck, SendContext | None]:
+        """`check_key`, and the templates and sender names a send needs when the key admits it,
+        in one question (`api.messages.check_key_for_send`)."""
+        ...
 
     async def send(self, principal: Principal, items: list[Item]) -> list[Result]: ...
 

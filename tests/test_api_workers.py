@@ -202,3 +202,50 @@ async def test_a_single_send_answers_a_bad_key_before_a_bad_body_and_names_the_s
     received = await mx_sink.wait_for_messages(2)
     froms = sorted(m.data.split(b"\r\nFrom: ", 1)[1].split(b"\r\n", 1)[0] for m in received)
     assert froms == [b"Acme Inc <app@acme.test>", b"Billing <app@acme.test>"]
+
+
+async def test_a_single_send_in_a_worker_gets_its_template_and_the_key_s_limits_first(
+    start: Callable[..., Any], mx_sink: MxSink,
+):
+    """A single send's key check and its templates and sender names are one question to the
+    service: the template a send names is rendered, a key over its limit is 429 before its bad
+    body, and a body too large to read before the key check still gets the key's 401 first."""
+    postroom = await start_with_workers(start)
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        created = await http.post("/v1/templates", json={
+            "name": "welcome", "subject": "Welcome, {{ name }}", "text": "Hello {{ name }}",
+        })
+        assert created.status_code == 201, created.text
+        for path, body in (
+            ("/v1/messages", {"from": "app@acme.test", "to": "user@example.test",
+                              "template": "welcome", "template_data": {"name": "Ann"}}),
+            ("/v1/send", {"channel": "email", "destination": {"email": "user@example.test"},
+                          "metadata": {"from_email": "app@acme.test"},
+                          "template_id": created.json()["id"], "template_vars": {"name": "Bo"}}),
+        ):
+            sent = await http.post(path, json=body)
+            assert sent.status_code == 202, sent.text
+        unknown = await http.post("/v1/messages", json={
+            "from": "app@acme.test", "to": "user@example.test", "template": "nope",
+        })
+        assert unknown.status_code == 422 and "no template nope" in unknown.text
+    received = await mx_sink.wait_for_messages(2)
+    assert sorted(m.data.split(b"\r\nSubject: ", 1)[1].split(b"\r\n", 1)[0]
+                  for m in received) == [b"Welcome, Ann", b"Welcome, Bo"]
+
+    limited = await postroom.spool.create_key("limited", Scope.SEND, rate_limit=1)
+    broken = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+    statuses = []
+    for _ in range(2):
+        async with postroom.http(limited.secret) as http:
+            response = await http.post("/v1/messages", **broken)
+            statuses.append((response.status_code, response.json()["error"]))
+    assert statuses == [(400, "bad_request"), (429, "too_many_requests")]
+    assert response.headers["x-ratelimit-limit"] == "1"
+
+    large = b'{"text": "' + b"x" * 100_000 + b'"'  # not even JSON: read only after the key
+    async with postroom.http("pr_wrong") as wrong:
+        refused = await wrong.post("/v1/messages", content=large,
+                                   headers={"content-type": "application/json"})
+        assert refused.status_code == 401
