@@ -149,6 +149,14 @@ def _prefix(record: logging.LogRecord, text: str) -> str:
     return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
 
 
+def flush() -> None:
+    """Write what the installed handler keeps now: before the process writes to its own stdout
+    or stderr by other means (the start-up banner), so a terminal shows both in the order they
+    happened."""
+    if _handler is not None:
+        _handler.flush()
+
+
 def is_journal(stream: TextIO) -> bool:
     """Whether `stream` is the journal's socket (systemd.exec(5), $JOURNAL_STREAM)."""
     value = os.environ.get("JOURNAL_STREAM", "")

@@ -129,6 +129,7 @@ def serve(ctx: click.Context) -> None:
         smtp = ", ".join(f"{h}:{p}" for h, p in service.smtp_addresses)
         assert service.api_address is not None
         host, port = service.api_address
+        logs.flush()  # the `postroom ready:` line, kept for its loop pass, comes first
         click.echo(f"Postroom is listening: SMTP {smtp}; API http://{host}:{port}")
         if service.smtps_addresses:
             smtps = ", ".join(f"{h}:{p}" for h, p in service.smtps_addresses)
