@@ -258,6 +258,21 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
+#: Every `postroom serve` a test started; `_no_postroom_left` kills what is still running.
+_spawned: list[Process] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_postroom_left() -> Iterator[None]:
+    """A test that fails before it stops its `postroom serve` must not leave it (and its
+    workers) running for the rest of the suite, and after it, using CPU and ports."""
+    yield
+    while _spawned:
+        left = _spawned.pop()
+        if left.proc.poll() is None:
+            left.kill()
+
+
 def spawn_postroom(config: Path, env: dict[str, str] | None = None) -> Process:
     """Start `postroom serve` (with `env` added) and wait for the line saying where it listens."""
     proc = subprocess.Popen(
@@ -272,7 +287,9 @@ def spawn_postroom(config: Path, env: dict[str, str] | None = None) -> Process:
             # Keep draining the pipe so the child never blocks on a full buffer.
             drain = threading.Thread(target=_keep, args=(proc.stdout, seen), daemon=True)
             drain.start()
-            return Process(proc, int(m.group(1)), m.group(2), drain, seen)
+            started = Process(proc, int(m.group(1)), m.group(2), drain, seen)
+            _spawned.append(started)
+            return started
         if len(seen) > 200:
             break
     proc.kill()
