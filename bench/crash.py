@@ -56,8 +56,8 @@ def main() -> int:
     problems = report.problems()
     for problem in problems:
         print("FAIL:", problem)
-    for index, output in enumerate(report.tracebacks):
-        print(f"--- run {index}'s output, from 20 lines before its first traceback:")
+    for where, output in report.tracebacks:
+        print(f"--- {where}: its output, from 20 lines before its first traceback:")
         lines = output.splitlines()
         first = next((i for i, line in enumerate(lines) if "Traceback" in line), 0)
         print("\n".join(lines[max(0, first - 20):first + 40]))

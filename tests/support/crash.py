@@ -68,7 +68,8 @@ class CrashReport:
     kills: int = 0
     pending_after_drain: dict[str, int] = field(default_factory=dict)
     integrity: list[str] = field(default_factory=list)
-    tracebacks: list[str] = field(default_factory=list)
+    #: (which run, that run's output) for each run that printed a traceback or exited uncleanly
+    tracebacks: list[tuple[str, str]] = field(default_factory=list)
     #: SMTP worker processes still running 10 s after the service they served was killed
     orphans: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -96,7 +97,7 @@ class CrashReport:
             found.append(f"units still pending after the drain: {stuck}")
         if self.integrity != ["ok"]:
             found.append(f"integrity_check: {self.integrity}")
-        found.extend(f"traceback in run {i}" for i, _ in enumerate(self.tracebacks))
+        found.extend(where for where, _ in self.tracebacks)
         if self.orphans:
             found.append(f"SMTP workers outlived the killed service: pids {self.orphans}")
         return found
@@ -335,7 +336,9 @@ async def run_crash(
             finally:
                 proc.kill()
                 if "Traceback" in proc.output:
-                    report.tracebacks.append(proc.output)
+                    report.tracebacks.append(
+                        (f"traceback in run {cycle + 1} (before kill {cycle + 1})", proc.output)
+                    )
             report.orphans.extend(await _outliving(_worker_pids(proc.output)))
             report.kills += 1
             leased = await _leased_tokens(config)
@@ -361,9 +364,11 @@ async def run_crash(
         finally:
             proc.kill()
             if "Traceback" in proc.output:
-                report.tracebacks.append(proc.output)
+                report.tracebacks.append(("traceback in the final run (the drain)", proc.output))
         if code != 0:
-            report.tracebacks.append(f"exit code {code}:\n{proc.output}")
+            report.tracebacks.append(
+                (f"the final run exited with code {code} on SIGTERM", proc.output)
+            )
 
         for received in sink.messages:
             token = _token(received.data)
