@@ -7,6 +7,9 @@ is stopping new requests get `503 service_unavailable`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 
 from starlette.applications import Starlette
@@ -14,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import (
     domains,
@@ -43,6 +46,8 @@ from api.types import (
 from config import Settings
 from store import Spool, StoreError
 
+logger = logging.getLogger(__name__)
+
 
 async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
@@ -70,22 +75,50 @@ _ALWAYS_OPEN = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class ShutdownGate:
-    """Refuse new requests with 503 once the service is stopping (probes still answer)."""
+    """Refuse new requests with 503 once the service is stopping (probes still answer), and
+    answer the same way a request the HTTP server cancels when the stop's grace period ends.
+
+    uvicorn cancels the requests still running then (one still reading a slow client's body,
+    say) and would log the cancellation as an application error, with its traceback, and
+    answer a plain-text 500. A request cancelled here is only ever the server's own
+    cancellation: it logs one line, and a client whose answer had not started gets the 503 the
+    stop gives every late request. A send cancelled while its commit was under way may still be
+    stored, as for a client that disconnects: an `Idempotency-Key` makes the retry safe.
+    """
 
     def __init__(self, app: ASGIApp, readiness: ReadinessProbe) -> None:
         self.app = app
         self.readiness = readiness
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.readiness.is_stopping
-            and scope["path"] not in _ALWAYS_OPEN
-        ):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.readiness.is_stopping and scope["path"] not in _ALWAYS_OPEN:
             response = errors.render(errors.ServiceUnavailable())
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        started = False
+
+        async def send_watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watched)
+        except asyncio.CancelledError:
+            logger.warning(
+                "%s %s cancelled by the stop: still running when its grace period ended%s",
+                scope["method"], scope["path"], ", its answer cut short" if started else "",
+            )
+            if not started:
+                with contextlib.suppress(Exception):
+                    response = errors.render(errors.ServiceUnavailable(
+                        "Postroom is stopping; the request was not finished"
+                    ))
+                    await response(scope, receive, send)
 
 
 _HANDLERS = {

@@ -340,3 +340,45 @@ async def test_reload_in_process_applies_live_settings_and_refuses_broken_files(
         assert running.service.readiness.is_ready
     finally:
         await running.stop()
+
+
+async def _half_sent_request(
+    port: int, key: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A `POST /v1/messages` whose body stops halfway: its handler waits for the rest."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: postroom.test\r\n"
+                 b"Authorization: Bearer " + key.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+                 b'{"from": "app@acme.test", ')
+    await writer.drain()
+    return reader, writer
+
+
+@slow
+@WITH_AND_WITHOUT_WORKERS
+async def test_a_request_still_reading_its_body_at_the_stop_gets_503_and_no_traceback(
+    tmp_path: Path, dns: DnsServer, mx_sink: MxSink, server_cert, smtp_workers: int
+):
+    """The HTTP server cancels what is still running when the stop's grace period ends: that
+    request is answered like any other refused during a stop, and the log says so in a line."""
+    config = process_config(tmp_path, dns, mx_sink.port, server_cert,
+                            server={"shutdown_timeout": "2s"}, smtp={"workers": smtp_workers})
+    await asyncio.to_thread(postroom_cli, config, "init")
+    created = await asyncio.to_thread(
+        postroom_cli, config, "keys", "create", "--name", "app", "--json"
+    )
+    proc = await asyncio.to_thread(spawn_postroom, config)
+    port = httpx.URL(proc.api_url).port or 80
+    reader, writer = await _half_sent_request(port, json.loads(created.stdout)["key"])
+    await asyncio.sleep(0.3)  # the request reached its handler
+    code = await asyncio.to_thread(proc.terminate)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    output = "".join(proc.output)
+    assert code == 0, output
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert json.loads(body)["error"] == "service_unavailable"
+    assert "Traceback" not in output
+    assert "cancelled by the stop" in output
