@@ -44,6 +44,24 @@ def prequeue(
     asyncio.run(_fill(config_path, messages, make, progress))
 
 
+def domain(i: int) -> str:
+    """The benchmarks' i-th destination domain."""
+    return f"d{i:03d}.bench.test"
+
+
+def spread(domains: int, body: str, sender: str) -> Callable[[int], Submission]:
+    """`make` for `prequeue`: message i has one recipient, at `domain(i % domains)`, as the
+    drain benchmarks queue them."""
+
+    def make(i: int) -> Submission:
+        recipient = f"user{i}@{domain(i % domains)}"
+        return Submission(
+            sender, (recipient,), message_bytes(i, recipient, body, sender), Source.API
+        )
+
+    return make
+
+
 def message_bytes(i: int, recipient: str, body: str, sender: str = "bench@acme.test") -> bytes:
     return (
         f"From: <{sender}>\r\n"
@@ -57,4 +75,4 @@ def message_bytes(i: int, recipient: str, body: str, sender: str = "bench@acme.t
     ).encode("ascii")
 
 
-__all__ = ["Source", "Submission", "message_bytes", "prequeue"]
+__all__ = ["Source", "Submission", "domain", "message_bytes", "prequeue", "spread"]

@@ -67,21 +67,13 @@ def config(args: argparse.Namespace, ports: list[int]) -> str:
     )
 
 
-def domain(i: int) -> str:
-    return f"d{i:03d}.bench.test"
+domain = _prequeue.domain
 
 
 def run_mode(args: argparse.Namespace, dkim: bool) -> dict[str, float]:
-    body = _postroom.body_text(args.size, newline="\r\n")
-
-    def make(i: int) -> _prequeue.Submission:
-        recipient = f"user{i}@{domain(i % args.domains)}"
-        return _prequeue.Submission(
-            SENDER,
-            (recipient,),
-            _prequeue.message_bytes(i, recipient, body, SENDER),
-            _prequeue.Source.API,
-        )
+    make = _prequeue.spread(
+        args.domains, _postroom.body_text(args.size, newline="\r\n"), SENDER
+    )
 
     launched: list[float] = []
 

@@ -229,14 +229,9 @@ def run_outbox(args: argparse.Namespace) -> float:
 
 
 def run_mail(args: argparse.Namespace, dead_endpoint: bool) -> float:
-    body = _postroom.body_text(args.size, newline="\r\n")
-
-    def make(i: int) -> _prequeue.Submission:
-        recipient = f"user{i}@{deliver.domain(i % args.domains)}"
-        return _prequeue.Submission(
-            SENDER, (recipient,), _prequeue.message_bytes(i, recipient, body, SENDER),
-            _prequeue.Source.API,
-        )
+    make = _prequeue.spread(
+        args.domains, _postroom.body_text(args.size, newline="\r\n"), SENDER
+    )
 
     label = "with a dead webhook endpoint" if dead_endpoint else "without a webhook endpoint"
     print(f"(b) mail drain {label}:", flush=True)

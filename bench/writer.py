@@ -97,14 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{_postroom.machine()}",
         flush=True,
     )
-    body = _postroom.body_text(args.size, newline="\r\n")
-
-    def make(i: int) -> _prequeue.Submission:
-        recipient = f"user{i}@d{i % args.domains:03d}.bench.test"
-        return _prequeue.Submission(
-            SENDER, (recipient,), _prequeue.message_bytes(i, recipient, body, SENDER),
-            _prequeue.Source.API,
-        )
+    make = _prequeue.spread(
+        args.domains, _postroom.body_text(args.size, newline="\r\n"), SENDER
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
     try:
