@@ -86,7 +86,7 @@ def postroom_command() -> list[str]:
     return [sys.executable, "-m", "relay"]
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     # POSTROOM_* variables would override the private config file: leave them out.
     return {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
 
@@ -154,7 +154,7 @@ class PrivatePostroom:
             capture_output=True,
             text=True,
             timeout=120,
-            env=_child_env(),
+            env=child_env(),
             check=False,
         )
         if done.returncode != 0:
@@ -177,7 +177,7 @@ class PrivatePostroom:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=_child_env(),
+            env=child_env(),
             cwd=self.workdir,
             # Its own session: a Ctrl-C in the terminal reaches the benchmark only, which then
             # finishes the messages in flight and stops Postroom itself, in that order.

@@ -7,11 +7,12 @@ group commits), in chunks, so a million units need neither HTTP nor SMTP round t
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from config import load_settings
+from config import Settings, load_settings
 from store import Source, Spool, Submission
 
 CHUNK = 1000
@@ -20,7 +21,7 @@ CHUNK = 1000
 async def _fill(
     config_path: Path, messages: int, make: Callable[[int], Submission], progress: bool
 ) -> None:
-    spool = await Spool.open(load_settings(config_path, must_exist=True))
+    spool = await Spool.open(private_settings(config_path))
     try:
         started = time.perf_counter()
         for first in range(0, messages, CHUNK):
@@ -35,6 +36,17 @@ async def _fill(
                 print(f"  queued {done}/{messages} messages ({rate:.0f}/s)", flush=True)
     finally:
         await spool.close()
+
+
+def private_settings(config_path: Path) -> Settings:
+    """The settings of a benchmark's own config file, read in this process with no POSTROOM_*
+    variable of the caller's environment over them (which would point the benchmark at another
+    spool), as the private server is started without them (`_postroom.child_env`)."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTROOM_")}
+    try:
+        return load_settings(config_path, must_exist=True)
+    finally:
+        os.environ.update(saved)
 
 
 def prequeue(

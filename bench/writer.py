@@ -7,7 +7,7 @@ the destinations (`Spool.claim_due`) while the outcomes of the round before are 
 unit's claim and outcome land in different ones, as in `postroom serve`. It prints units a
 second, the CPU a unit of the spool writer's thread and of the whole process, and peak RSS.
 `deliver.py` measures the drain with everything around it; this isolates what the writer does a
-unit, which bounds the drain (bench/README.md).
+unit, one part of it (bench/README.md).
 
 Run (from the project root, with the project's virtualenv):
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import shutil
 import subprocess
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _postroom
 import _prequeue
 
-from config import load_settings
 from store import DeliveryJob, Outcome, RecipientStatus, Reply, Spool
 
 SENDER = "bench@acme.test"
@@ -67,7 +65,7 @@ def writer_cpu_seconds() -> float:
 
 async def drive(config_path: Path, claim: int) -> tuple[int, float, float, float]:
     """Claim and record until nothing is due; (units recorded, wall s, writer CPU s, CPU s)."""
-    spool = await Spool.open(load_settings(config_path, must_exist=True))
+    spool = await Spool.open(_prequeue.private_settings(config_path))
     try:
         previous: list[DeliveryJob] = []
         done = 0
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(_postroom.CONFIG, encoding="utf-8")
         subprocess.run(
             [*_postroom.postroom_command(), "--config", str(config_path), "init"],
-            check=True, capture_output=True, env={**os.environ, "NO_COLOR": "1"},
+            check=True, capture_output=True, env=_postroom.child_env(),
         )
         started = time.perf_counter()
         _prequeue.prequeue(config_path, args.messages, make)
