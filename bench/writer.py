@@ -13,6 +13,10 @@ Run (from the project root, with the project's virtualenv):
 
     .venv/bin/python bench/writer.py                  # 20,000 units, a few seconds
     .venv/bin/python bench/writer.py -n 100000        # the size deliver.py drains
+    .venv/bin/python bench/writer.py --busy 0.45      # beside a thread that holds the lock 45%
+
+`--busy` measures what sharing the interpreter lock costs the writer: in `postroom serve` the
+service's loop holds it about 45% of a drain's time (py-spy `--gil`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--domains", type=int, default=100, help="destination domains (100)")
     parser.add_argument("--claim", type=int, default=50, help="units a claim asks for (50)")
     parser.add_argument("--size", type=int, default=3000, help="approx. body bytes (3000)")
+    parser.add_argument(
+        "--busy", type=float, default=0.0,
+        help="a thread of this process runs Python this share of the time (0-0.9), as the "
+        "service's loop holds the interpreter lock beside the writer in a drain (0: none)",
+    )
+    parser.add_argument(
+        "--stretch", type=float, default=1.0, help="ms of each --busy stretch and pause (1)"
+    )
     return parser.parse_args(argv)
+
+
+def keep_busy(share: float, stretch: float, stop: threading.Event) -> None:
+    """Hold the interpreter lock `share` of the time: Python for that share of every `stretch`
+    seconds, asleep for the rest."""
+    while not stop.is_set():
+        until = time.perf_counter() + share * stretch
+        while time.perf_counter() < until:
+            pass
+        time.sleep((1 - share) * stretch)
 
 
 def delivered(job: DeliveryJob) -> list[Outcome]:
@@ -91,7 +113,8 @@ async def drive(config_path: Path, claim: int) -> tuple[int, float, float, float
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(
-        f"writer: {args.messages} units to {args.domains} domains, claims of {args.claim}; "
+        f"writer: {args.messages} units to {args.domains} domains, claims of {args.claim}, "
+        f"a thread busy {args.busy:.0%} of the time ({args.stretch:g} ms stretches); "
         f"{_postroom.machine()}",
         flush=True,
     )
@@ -110,7 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         _prequeue.prequeue(config_path, args.messages, make)
         print(f"  pre-queued {args.messages} units in {time.perf_counter() - started:.1f} s")
-        done, wall, writer, cpu = asyncio.run(drive(config_path, args.claim))
+        stop = threading.Event()
+        busy = threading.Thread(
+            target=keep_busy, args=(args.busy, args.stretch / 1000, stop), daemon=True
+        )
+        if args.busy > 0:
+            busy.start()
+        try:
+            done, wall, writer, cpu = asyncio.run(drive(config_path, args.claim))
+        finally:
+            stop.set()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if done != args.messages:
