@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _postroom
+
 from config import Settings, load_settings
 from store import Source, Spool, Submission
 
@@ -41,8 +43,9 @@ async def _fill(
 def private_settings(config_path: Path) -> Settings:
     """The settings of a benchmark's own config file, read in this process with no POSTROOM_*
     variable of the caller's environment over them (which would point the benchmark at another
-    spool), as the private server is started without them (`_postroom.child_env`)."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTROOM_")}
+    spool): those `_postroom.child_env` leaves out of the private server's environment."""
+    kept = _postroom.child_env()
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k not in kept}
     try:
         return load_settings(config_path, must_exist=True)
     finally:

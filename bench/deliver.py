@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config(args: argparse.Namespace, ports: list[int]) -> str:
     routes = "".join(
-        f'\n[delivery.routes."{domain(i)}"]\nhost = "127.0.0.1"\n'
+        f'\n[delivery.routes."{_prequeue.domain(i)}"]\nhost = "127.0.0.1"\n'
         f'port = {ports[i % len(ports)]}\ntls = "opportunistic"\n'
         for i in range(args.domains)
     )
@@ -65,9 +65,6 @@ def config(args: argparse.Namespace, ports: list[int]) -> str:
     return _postroom.CONFIG + routes + (
         f'\n[delivery.destinations."127.0.0.1"]\nmax_connections = {per_sink}\n'
     )
-
-
-domain = _prequeue.domain
 
 
 def run_mode(args: argparse.Namespace, dkim: bool) -> dict[str, float]:
