@@ -15,6 +15,7 @@ Run (from the project root, with the project's virtualenv):
 
     .venv/bin/python bench/accept_http.py                    # 5 s of requests (wrk), 50 in flight
     .venv/bin/python bench/accept_http.py -d 30 -c 100       # full size
+    .venv/bin/python bench/accept_http.py -d 10 --rate 2000  # 2,000 a second offered, paced
     .venv/bin/python bench/accept_http.py --client python -n 500   # 500 from the Python client
     .venv/bin/python bench/accept_http.py --batch 0          # without the batch timing
     .venv/bin/python bench/accept_http.py --url http://127.0.0.1:8025 --key KEY   # running one
@@ -24,6 +25,13 @@ otherwise from a Python client in this process (`--client` chooses). The Python 
 about 1.2 ms of CPU per request: on two cores it tops out near 700 requests/s, below what Postroom
 answers, so its msgs/s measures the client. wrk spends a small fraction of that. Either way the
 client shares the machine with Postroom: read the printed CPU figures next to msgs/s.
+
+By default each connection sends its next request as soon as the last one's answer comes, so
+the run measures Postroom saturated: at a fixed C in flight the latency is C over the rate. With
+`--rate R` wrk sends on a fixed schedule instead, R requests a second with at most C in flight,
+which measures the latency a client sees at that load; the run counts the requests whose slot
+came while every connection was still waiting (sent late), and more than 1% of them means
+Postroom could not keep up with R, so that its latency is not the latency at R.
 
 After the single requests it times one `POST /v1/messages/batch` of --batch items (10,000 by
 default: the API's maximum), the same message each, from sending the request to the whole
@@ -75,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds of load with wrk, which runs for a time, not a count (5)",
     )
     parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="wrk only: offer this many requests a second, on a fixed schedule, with at most "
+        "-c in flight, instead of sending each request as the last one's answer comes (0)",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=10_000,
@@ -89,10 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("-n and -c must be at least 1")
     if args.batch < 0:
         parser.error("--batch must be 0 or more")
+    if args.rate < 0:
+        parser.error("--rate must be 0 or more")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
     elif args.client == "wrk" and not shutil.which("wrk"):
         parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
+    if args.rate and args.client != "wrk":
+        parser.error("--rate needs wrk (apt-get install wrk)")
     return args
 
 
@@ -256,7 +273,7 @@ _WRK_SCRIPT = """
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args)
-  sent = 0; ok = 0; other = 0; first = ""
+  sent = 0; ok = 0; other = 0; first = ""; late = 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Authorization"] = "Bearer " .. args[1]
@@ -273,16 +290,45 @@ function response(status, headers, body)
   end
 end
 function done(summary, latency, requests)
-  local ok, other, first = 0, 0, ""
+  local ok, other, first, late = 0, 0, "", 0
   for _, t in ipairs(threads) do
-    ok = ok + t:get("ok"); other = other + t:get("other")
+    ok = ok + t:get("ok"); other = other + t:get("other"); late = late + t:get("late")
     if first == "" then first = t:get("first") end
   end
   local e = summary.errors
-  io.write(string.format("POSTROOM %d %d %d %d %d %d %d %d\\n", ok, other, summary.duration,
+  io.write(string.format("POSTROOM %d %d %d %d %d %d %d %d %d\\n", ok, other, summary.duration,
     latency:percentile(50), latency:percentile(99), latency.min, latency.max,
-    e.connect + e.read + e.write + e.timeout))
+    e.connect + e.read + e.write + e.timeout, late))
   io.write("FIRST " .. first .. "\\n")
+end
+"""
+
+
+#: With --rate: one schedule for all the connections (wrk's -t1 is one Lua state), a slot every
+#: 1/RATE s; `delay` holds each request until its slot, in wrk's whole milliseconds. A request
+#: whose slot passed more than 1 ms before a connection was free to send it counts as `late`:
+#: wrk times from the send, not from the slot, so when many are late the latency leaves out
+#: the time they waited here, and the run measured a saturated Postroom, not the rate asked.
+_WRK_PACING = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } pr_timespec;
+int clock_gettime(int clock, pr_timespec *tp);
+]]
+local now_ts = ffi.new("pr_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, now_ts)  -- CLOCK_MONOTONIC
+  return tonumber(now_ts.tv_sec) * 1000 + tonumber(now_ts.tv_nsec) / 1e6
+end
+local slot = nil
+function delay()
+  local now = now_ms()
+  if slot == nil then slot = now end
+  local wait = slot - now
+  slot = slot + 1000 / RATE
+  if wait < -1 then late = late + 1 end
+  if wait <= 0 then return 0 end
+  return math.floor(wait)
 end
 """
 
@@ -308,6 +354,8 @@ def wrk_load(
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f"HEAD = {_lua_string(head)}\nMIDDLE = {_lua_string(middle)}\n")
         script.write(_WRK_SCRIPT)
+        if args.rate:
+            script.write(f"RATE = {args.rate!r}\n{_WRK_PACING}")
     command = [
         "wrk", "-t1", f"-c{connections}", f"-d{args.duration}s",
         f"--timeout={max(1, round(args.timeout))}s", "-s", script.name, url, "--", key,
@@ -329,14 +377,23 @@ def wrk_load(
         print(f"accept_http: wrk failed ({done.returncode}): {done.stdout}{done.stderr}",
               file=sys.stderr)
         return 1
-    ok, other, duration_us, p50, p99, low, high, errors = (int(v) for v in figures)
+    ok, other, duration_us, p50, p99, low, high, errors, late = (int(v) for v in figures)
     wall = duration_us / 1e6
+    paced = f", paced at {args.rate:g} requests/s offered" if args.rate else ""
     print(
-        f"accept_http: {args.duration} s of requests, concurrency {connections}, "
+        f"accept_http: {args.duration} s of requests, concurrency {connections}{paced}, "
         f"{len(head) + len(middle) + 1} B request bodies ({len(text)} B text), API {url}, "
         "client: wrk"
     )
     print(f"accepted (202): {ok}/{ok + other + errors} in {wall:.3f} s = {ok / wall:.1f} msgs/s")
+    if args.rate:
+        sent = ok + other + errors
+        share = 100 * late / sent if sent else 0.0
+        verdict = "; a saturated run, not the rate asked" if share > 1 else ""
+        print(
+            f"sent late (their slot passed with all {connections} connections busy): "
+            f"{late} ({share:.1f}%){verdict}"
+        )
     print(f"non-202 answers: {other}, connection errors: {errors}")
     first = next((line[6:] for line in done.stdout.splitlines() if line.startswith("FIRST ")), "")
     if first.strip():
