@@ -31,7 +31,8 @@ the run measures Postroom saturated: at a fixed C in flight the latency is C ove
 `--rate R` wrk sends on a fixed schedule instead, R requests a second with at most C in flight,
 which measures the latency a client sees at that load; the run counts the requests whose slot
 came while every connection was still waiting (sent late), and more than 1% of them means
-Postroom could not keep up with R, so that its latency is not the latency at R.
+Postroom could not keep up with R, so that its latency is not the latency at R. The schedule
+reads the clock through LuaJIT's FFI, which the distributions' wrk is built with.
 
 After the single requests it times one `POST /v1/messages/batch` of --batch items (10,000 by
 default: the API's maximum), the same message each, from sending the request to the whole
