@@ -37,6 +37,7 @@ from store.events import last_event_id, list_events
 from store.ids import new_id
 from store.migrate import apply_migrations
 from store.observer import NullObserver, SpoolObserver
+from store.recent import Recent
 from store.records import (
     Accepted,
     ApiKey,
@@ -118,6 +119,8 @@ class Spool(
         self.work_available = asyncio.Event()
         self._events_appended = asyncio.Event()
         self._unsubscribe_secret: bytes | None = None
+        self._recent_keys: Recent[bytes, Principal] = Recent()
+        self._recent_names: Recent[str, str | None] = Recent()
 
     @classmethod
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:
@@ -229,12 +232,18 @@ class Spool(
             conn.execute(Q["revoke_key"], {"id": key_id, "now": time.time()})
 
         await self._writer.run(job)
+        self._recent_keys.drop()
 
     async def authenticate(self, secret: str) -> Principal | None:
         """The principal for a presented key, or None when unknown or revoked."""
         if not secret.startswith(KEY_PREFIX):
             return None
         digest = self._digest(secret)
+        recent = self._recent_keys
+        kept, principal = recent.get(digest)
+        if kept:
+            return principal
+        generation = recent.generation
         rows = await self._point_read(Q["key_by_digest"], {"digest": digest})
         row = rows[0] if rows else None
         if row is None or not hmac.compare_digest(row["digest"], digest):
@@ -242,7 +251,7 @@ class Spool(
         key = ApiKey.from_row(row)
         if key.is_revoked:
             return None
-        return Principal(
+        principal = Principal(
             key_id=key.id,
             name=key.name,
             scope=key.scope,
@@ -250,6 +259,8 @@ class Spool(
             is_test=key.is_test,
             rate_limit=key.rate_limit,
         )
+        recent.keep(digest, principal, generation)
+        return principal
 
     # -- intake -----------------------------------------------------------------------------
 

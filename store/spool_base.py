@@ -19,6 +19,8 @@ from config import Settings
 from store import idempotency, intake
 from store.errors import SpoolClosed
 from store.observer import SpoolObserver
+from store.recent import Recent
+from store.records import Principal
 from store.writer import Writer
 
 
@@ -41,6 +43,9 @@ class SpoolBase:
     work_available: asyncio.Event
     _events_appended: asyncio.Event
     _unsubscribe_secret: bytes | None
+    #: Principals by key digest, and default sender names (None: none) by domain, as read last.
+    _recent_keys: Recent[bytes, Principal]
+    _recent_names: Recent[str, str | None]
 
     async def _point_read(self, sql: str, params: Mapping[str, object]) -> list[sqlite3.Row]:
         """The rows of a small indexed read (one key, a few names), read on the loop's thread.

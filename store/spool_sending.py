@@ -47,6 +47,7 @@ class SpoolSending(SpoolBase):
                 )
 
         await self._writer.run(job)
+        self._recent_names.drop()
 
     async def domain_keys(self, name: str) -> DomainKeys | None:
         """The DKIM keys of a sending domain, or None when it has none."""
@@ -142,6 +143,7 @@ class SpoolSending(SpoolBase):
                 raise NotFound(f"no sending domain {name.lower()}")
 
         await self._writer.run(job)
+        self._recent_names.drop()
 
     async def set_default_sender_name(self, name: str, sender_name: str | None) -> None:
         def job(conn: sqlite3.Connection) -> None:
@@ -150,12 +152,28 @@ class SpoolSending(SpoolBase):
                 raise NotFound(f"no sending domain {name.lower()}")
 
         await self._writer.run(job)
+        self._recent_names.drop()
 
     async def default_sender_names(self, domains: Iterable[str]) -> dict[str, str]:
         """The default sender names of those of `domains` that have one."""
-        names = json.dumps(sorted({d.lower() for d in domains}))
-        rows = await self._point_read(Q["sender_names_among"], {"names": names})
-        return {row[0]: row[1] for row in rows}
+        recent = self._recent_names
+        found: dict[str, str] = {}
+        unknown = []
+        for domain in {d.lower() for d in domains}:
+            kept, name = recent.get(domain)
+            if not kept:
+                unknown.append(domain)
+            elif name is not None:
+                found[domain] = name
+        if unknown:
+            generation = recent.generation
+            names = json.dumps(sorted(unknown))
+            rows = await self._point_read(Q["sender_names_among"], {"names": names})
+            read = {row[0]: row[1] for row in rows}
+            for domain in unknown:
+                recent.keep(domain, read.get(domain), generation)
+            found.update(read)
+        return found
 
     async def add_suppressions(self, entries: Sequence[NewSuppression]) -> list[bool]:
         """Suppress addresses; for each, whether it was new (False: already suppressed)."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from starlette.routing import Route
 
 from api import create_app
-from store import Scope
+from store import Scope, Spool
+from store.recent import RECENT_TTL
 from tests.conftest import Running, postroom_cli, write_config
 from tests.support import wait_until
 
@@ -49,6 +51,27 @@ async def test_a_revoked_key_stops_at_the_next_request(postroom: Running):
     async with postroom.http(new.secret) as client:
         assert (await client.get("/v1/messages")).status_code == 200
         await postroom.spool.revoke_key(new.key.id)
+        assert (await client.get("/v1/messages")).status_code == 401
+
+
+async def test_a_key_revoked_by_another_process_stops_within_a_second(postroom: Running):
+    """What the service read of a key serves its requests for at most `RECENT_TTL`: a key
+    revoked through a spool of its own (as `postroom keys revoke` does) fails within it."""
+    new = await postroom.spool.create_key("k", Scope.FULL)
+    async with postroom.http(new.secret) as client:
+        assert (await client.get("/v1/messages")).status_code == 200
+        other = await Spool.open(postroom.service.settings, readers=1)
+        try:
+            await other.revoke_key(new.key.id)
+        finally:
+            await other.close()
+        revoked_at = time.monotonic()
+
+        async def refused() -> bool:
+            return (await client.get("/v1/messages")).status_code == 401
+
+        await wait_until(refused, timeout=5, message="the revoked key still works")
+        assert time.monotonic() - revoked_at < RECENT_TTL + 0.5
         assert (await client.get("/v1/messages")).status_code == 401
 
 

@@ -3,6 +3,7 @@ test DNS server, the sending-domain policy on both front doors, and default send
 
 from __future__ import annotations
 
+import asyncio
 import email
 import json
 from email.policy import default as default_policy
@@ -13,7 +14,8 @@ import pytest
 
 from relay.dkim import generate_keys
 from relay.domains import dns_records, judge
-from store import DnsRecord, RecordStatus
+from store import DnsRecord, RecordStatus, Spool
+from store.recent import RECENT_TTL
 from tests.conftest import Running, postroom_cli, settings_data, write_config
 from tests.support import DnsServer, MxSink, RawSmtp
 from tests.test_dkim import dns_lookup
@@ -216,3 +218,33 @@ def test_cli_domains_list_show_verify_remove(
     assert "removed acme.test" in postroom_cli(config, "domains", "remove", "acme.test").stdout
     gone = postroom_cli(config, "domains", "show", "acme.test", check=False)
     assert gone.returncode == 1 and "no sending domain" in gone.stderr
+
+
+async def test_a_changed_default_sender_name_is_used_at_once_or_within_a_second(
+    postroom: Running, mx_sink: MxSink,
+):
+    """The service keeps a domain's default sender name for at most `RECENT_TTL`: a change
+    through the API is used by the next send, one through a spool of its own (as the CLI
+    writes) within that time."""
+    key = await postroom.new_key()
+    async with postroom.http(key) as http:
+        added = await http.post("/v1/domains", json={"name": "acme.test",
+                                                     "default_sender_name": "Acme Inc"})
+        assert added.status_code == 201, added.text
+        assert (await http.post("/v1/messages", json=send_body())).status_code == 202
+        patched = await http.patch("/v1/domains/acme.test",
+                                   json={"default_sender_name": "Acme Billing"})
+        assert patched.status_code == 200, patched.text
+        assert (await http.post("/v1/messages", json=send_body())).status_code == 202
+        other = await Spool.open(postroom.service.settings, readers=1)
+        try:
+            await other.set_default_sender_name("acme.test", "Acme Ops")
+        finally:
+            await other.close()
+        await asyncio.sleep(RECENT_TTL)
+        assert (await http.post("/v1/messages", json=send_body())).status_code == 202
+    received = await mx_sink.wait_for_messages(3)
+    froms = [str(email.message_from_bytes(m.data, policy=default_policy)["From"])
+             for m in received]
+    assert sorted(froms) == sorted(["Acme Inc <app@acme.test>", "Acme Billing <app@acme.test>",
+                                    "Acme Ops <app@acme.test>"])
