@@ -275,6 +275,11 @@ class ApiSettings(Section):
     max_recipients_per_field: int = Field(default=50, ge=1)
     check_recipient_domains: bool = True
     recipient_domain_cache_size: int = Field(default=10_000, ge=1)
+    # How long the service reuses what it read of a key and of a domain's default sender name
+    # (store/recent.py), and how many of each it keeps. Its own writes take effect at once;
+    # another process's (the CLI's) within this time.
+    lookup_cache_ttl: Duration = 1.0
+    lookup_cache_size: int = Field(default=4096, ge=1)
     # Requests per minute per API key (bursts up to the same number); 0: unlimited. A key's own
     # `--rate-limit` overrides it.
     rate_limit_per_minute: int = Field(default=0, ge=0)

@@ -5,11 +5,11 @@ point read of a few microseconds, but it is made on the service's loop, where SQ
 the interpreter lock at each step and the loop then waits for the spool writer's thread to hand
 it back: under load that wait, not the read, is most of what a lookup costs (23 µs of the loop's
 time on average, 184 µs at the 99th percentile, for a read of 9 µs of CPU). `Recent` keeps what a
-read found for at most `RECENT_TTL` seconds.
+read found for at most `api.lookup_cache_ttl` (one second by default).
 
 What this process writes itself drops what it kept before it answers (`Recent.drop`): a key
 revoked through the API fails at its next use. What another process writes (`postroom keys
-revoke`, the CLI's domain commands) is seen within `RECENT_TTL`. Only what a read found is kept:
+revoke`, the CLI's domain commands) is seen within that time. Only what a read found is kept:
 an unknown or revoked key is looked up every time, so a key made meanwhile works at once.
 """
 
@@ -22,17 +22,12 @@ from typing import Generic, TypeVar
 K = TypeVar("K")
 V = TypeVar("V")
 
-#: Seconds a read's result is used before it is read again.
-RECENT_TTL = 1.0
-
-
 class Recent(Generic[K, V]):
     """What reads found, each kept for `ttl` seconds; at most `limit` of them (all dropped when
-    full: the reads come back within a second anyway)."""
+    full: they are read again soon anyway)."""
 
     def __init__(
-        self, ttl: float = RECENT_TTL, limit: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
+        self, ttl: float, limit: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._ttl = ttl
         self._limit = limit

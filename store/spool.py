@@ -119,8 +119,9 @@ class Spool(
         self.work_available = asyncio.Event()
         self._events_appended = asyncio.Event()
         self._unsubscribe_secret: bytes | None = None
-        self._recent_keys: Recent[bytes, Principal] = Recent()
-        self._recent_names: Recent[str, str | None] = Recent()
+        ttl, size = settings.api.lookup_cache_ttl, settings.api.lookup_cache_size
+        self._recent_keys: Recent[bytes, Principal] = Recent(ttl, size)
+        self._recent_names: Recent[str, str | None] = Recent(ttl, size)
 
     @classmethod
     async def open(cls, settings: Settings, readers: int = 4) -> Spool:

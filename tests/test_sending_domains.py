@@ -15,7 +15,6 @@ import pytest
 from relay.dkim import generate_keys
 from relay.domains import dns_records, judge
 from store import DnsRecord, RecordStatus, Spool
-from store.recent import RECENT_TTL
 from tests.conftest import Running, postroom_cli, settings_data, write_config
 from tests.support import DnsServer, MxSink, RawSmtp
 from tests.test_dkim import dns_lookup
@@ -223,7 +222,7 @@ def test_cli_domains_list_show_verify_remove(
 async def test_a_changed_default_sender_name_is_used_at_once_or_within_a_second(
     postroom: Running, mx_sink: MxSink,
 ):
-    """The service keeps a domain's default sender name for at most `RECENT_TTL`: a change
+    """The service keeps a domain's default sender name for at most `api.lookup_cache_ttl`: a change
     through the API is used by the next send, one through a spool of its own (as the CLI
     writes) within that time."""
     key = await postroom.new_key()
@@ -241,7 +240,7 @@ async def test_a_changed_default_sender_name_is_used_at_once_or_within_a_second(
             await other.set_default_sender_name("acme.test", "Acme Ops")
         finally:
             await other.close()
-        await asyncio.sleep(RECENT_TTL)
+        await asyncio.sleep(postroom.service.settings.api.lookup_cache_ttl)
         assert (await http.post("/v1/messages", json=send_body())).status_code == 202
     received = await mx_sink.wait_for_messages(3)
     froms = [str(email.message_from_bytes(m.data, policy=default_policy)["From"])
